@@ -1,0 +1,80 @@
+"""The product transport: a Ray compiled graph (shared-memory channels) that
+pushes each step's bytes to every rank at once."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.dag import InputNode, MultiOutputNode
+
+from dag.errors import RankFailure, TransportClosed
+from dag.ranks import RankGroup, _cause
+from dag.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledGraphTransport(Transport):
+    name = "dag"
+
+    def __init__(self, group: RankGroup, *, step_timeout_s: float, max_inflight: int = 1):
+        self.group = group
+        self.step_timeout_s = step_timeout_s
+        with InputNode() as inp:
+            graph = MultiOutputNode([a.execute_model.bind(inp) for a in group.actors])
+        try:
+            self.graph = graph.experimental_compile(
+                _submit_timeout=step_timeout_s, _max_inflight_executions=max_inflight)
+        except BaseException:
+            group.shutdown()
+            raise
+        self._closed = False
+
+    def _run(self, data: bytes) -> list:
+        if self._closed:
+            raise TransportClosed("the compiled graph was shut down or failed earlier")
+        try:
+            refs = self.graph.execute(data)
+            return ray.get(refs, timeout=self.step_timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            # An exception a rank raised (its message names the rank); the graph lives on.
+            raise RankFailure(_cause(e), _ranks_named(_cause(e), self.group.tp_size),
+                              fatal=False) from None
+        except (ray.exceptions.RayChannelTimeoutError, ray.exceptions.GetTimeoutError):
+            stuck, dead = self.group.stuck_ranks()
+            self._fail()
+            raise RankFailure(
+                f"step timed out after {self.step_timeout_s:g} s: ranks {stuck} still running, "
+                f"ranks {dead} dead", stuck + dead, fatal=True) from None
+        except ray.exceptions.RayError as e:
+            stuck, dead = self.group.stuck_ranks()
+            self._fail()
+            raise RankFailure(f"rank(s) {dead or stuck} failed: {type(e).__name__}: {_cause(e)}",
+                              dead or stuck, fatal=True) from None
+
+    def step(self, data: bytes) -> bytes:
+        return self._run(data)[0]
+
+    def call_all(self, data: bytes) -> list[bytes]:
+        return self._run(data)
+
+    def _fail(self) -> None:
+        """After a timeout or a death the graph's channels are unusable: drop it
+        without the teardown handshake (which would wait on the broken rank)."""
+        self._closed = True
+        self.group.shutdown()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.graph.teardown()
+        except Exception as e:  # a rank already gone: nothing left to hand back
+            logger.debug("compiled graph teardown: %s", e)
+        self.group.shutdown()
+
+
+def _ranks_named(message: str, tp_size: int) -> list[int]:
+    return [r for r in range(tp_size) if f"rank {r}:" in message]

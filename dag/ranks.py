@@ -1,0 +1,131 @@
+"""The rank actors of one TP group, placed by one placement group."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import msgspec
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dag.errors import RankFailure
+from serialization import RankConfig
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote(concurrency_groups={"ctl": 1})
+class RankActor:
+    """Hosts one rank's worker. ``progress`` answers from its own thread, so the
+    engine can ask which rank is stuck while the graph loop is busy."""
+
+    def __init__(self, worker_factory, config: RankConfig, tp_rank: int):
+        self.worker = worker_factory(config, tp_rank)
+        self.started = 0
+        self.finished = 0
+
+    def execute_model(self, data: bytes) -> bytes | None:
+        self.started += 1
+        try:
+            return self.worker.execute_model(data)
+        finally:
+            self.finished += 1
+
+    @ray.method(concurrency_group="ctl")
+    def progress(self) -> tuple[int, int]:
+        return self.started, self.finished
+
+
+class RankGroup:
+    """Starts ``tp_size`` rank actors in one placement group (one bundle per rank)."""
+
+    def __init__(self, worker_factory, config: RankConfig, *, num_cpus_per_rank: float,
+                 start_timeout_s: float):
+        if not ray.is_initialized():
+            raise RuntimeError("Ray is not initialised: the engine calls ray.init first")
+        self.tp_size = config.tp_size
+        self.pg = placement_group([{"CPU": num_cpus_per_rank}] * self.tp_size, strategy="PACK")
+        self.actors: list = []
+        try:
+            ready = self.pg.wait(timeout_seconds=start_timeout_s)
+            if not ready:
+                res = ray.available_resources().get("CPU", 0.0)
+                raise RuntimeError(
+                    f"placement group for tensor_parallel_size={self.tp_size} ranks × "
+                    f"{num_cpus_per_rank} CPU not satisfied within {start_timeout_s:.0f} s "
+                    f"(cluster has {res:g} CPU available); lower num_cpus_per_rank or add nodes")
+            if self.tp_size > 1 and not config.dist_init_method:
+                config = msgspec.structs.replace(
+                    config, dist_init_method=self._rendezvous_address(start_timeout_s))
+            for rank in range(self.tp_size):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank)
+                self.actors.append(RankActor.options(
+                    num_cpus=num_cpus_per_rank, scheduling_strategy=strategy).remote(worker_factory, config, rank))
+            self._wait_ready(start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _rendezvous_address(self, timeout_s: float) -> str:
+        """A free TCP port on rank 0's node, for torch.distributed's rendezvous."""
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                    placement_group_bundle_index=0)
+        ref = _free_port.options(scheduling_strategy=strategy, num_cpus=0).remote()
+        ip, port = ray.get(ref, timeout=timeout_s)
+        return f"tcp://{ip}:{port}"
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        refs = [a.__ray_ready__.remote() for a in self.actors]
+        deadline = time.monotonic() + timeout_s
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                raise RankFailure(f"rank {rank} did not start within {timeout_s:.0f} s",
+                                  [rank], fatal=True) from None
+            except ray.exceptions.RayError as e:
+                raise RankFailure(f"rank {rank} failed to start: {_cause(e)}", [rank],
+                                  fatal=True) from None
+
+    def stuck_ranks(self, timeout_s: float = 2.0) -> tuple[list[int], list[int]]:
+        """(ranks still inside a call, dead ranks), asked through the ctl thread."""
+        stuck, dead = [], []
+        refs = [a.progress.remote() for a in self.actors]
+        for rank, ref in enumerate(refs):
+            try:
+                started, finished = ray.get(ref, timeout=timeout_s)
+                if started != finished:
+                    stuck.append(rank)
+            except ray.exceptions.GetTimeoutError:
+                stuck.append(rank)
+            except ray.exceptions.RayError:
+                dead.append(rank)
+        return stuck, dead
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # already gone with the cluster
+                pass
+            self.pg = None
+
+
+@ray.remote
+def _free_port() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def _cause(err: Exception) -> str:
+    """The innermost message of a Ray error (the rank's own exception text)."""
+    cause = getattr(err, "cause", None)
+    return str(cause) if cause is not None else str(err)

@@ -1,0 +1,54 @@
+"""Plain Ray actor calls: the same interface, each step a fresh remote call per
+rank (object store instead of shared-memory channels). For comparison."""
+
+from __future__ import annotations
+
+import ray
+
+from dag.errors import RankFailure, TransportClosed
+from dag.ranks import RankGroup, _cause
+from dag.transport import Transport
+
+
+class RayCallTransport(Transport):
+    name = "ray"
+
+    def __init__(self, group: RankGroup, *, step_timeout_s: float):
+        self.group = group
+        self.step_timeout_s = step_timeout_s
+        self._closed = False
+
+    def _run(self, data: bytes) -> list:
+        if self._closed:
+            raise TransportClosed("the ray transport was shut down or failed earlier")
+        refs = [a.execute_model.remote(data) for a in self.group.actors]
+        out = []
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=self.step_timeout_s))
+            except ray.exceptions.RayTaskError as e:
+                # Let the other ranks finish this call before reporting.
+                ray.wait(refs, num_returns=len(refs), timeout=self.step_timeout_s)
+                raise RankFailure(_cause(e), [rank], fatal=False) from None
+            except ray.exceptions.GetTimeoutError:
+                stuck, dead = self.group.stuck_ranks()
+                self.shutdown()
+                raise RankFailure(
+                    f"step timed out after {self.step_timeout_s:g} s: ranks {stuck} still "
+                    f"running, ranks {dead} dead", stuck + dead, fatal=True) from None
+            except ray.exceptions.RayError as e:
+                self.shutdown()
+                raise RankFailure(f"rank {rank} failed: {type(e).__name__}: {_cause(e)}",
+                                  [rank], fatal=True) from None
+        return out
+
+    def step(self, data: bytes) -> bytes:
+        return self._run(data)[0]
+
+    def call_all(self, data: bytes) -> list[bytes]:
+        return self._run(data)
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.group.shutdown()

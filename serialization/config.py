@@ -1,0 +1,31 @@
+"""What a rank is built from: sent once, when the rank actor starts."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a rank needs to load its shard and size its KV cache.
+
+    ``model`` is a Hugging Face directory, a ``.gguf`` file, or (with
+    ``load_format="dummy"``) anything ``workers.model_loader.load_hf_config``
+    understands. Built by ``spmd.EngineConfig.rank_config()``.
+    """
+
+    model: str
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    tp_size: int = 1
+    max_model_len: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 0  # CPU: KV budget per rank; 0: a default from free memory
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    device: str = "cpu"
+    seed: int = 0  # dummy weights
+    dist_init_method: str = ""  # tcp://127.0.0.1:PORT for tp > 1
+    dist_timeout_s: float = 120.0  # a collective that waits longer fails instead of hanging
+    num_threads: int = 0  # torch intra-op threads per rank; 0: leave as is
+    enforce_eager: bool = True

@@ -1,0 +1,10 @@
+"""spmd-serve: driver-free SPMD LLM serving on Ray compiled graphs."""
+
+from spmd.async_engine import AsyncEngine
+from spmd.config import EngineConfig
+from spmd.llm import LLM
+from spmd.outputs import CompletionOutput, Logprob, RequestOutput
+from spmd.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "RequestOutput",
+           "SamplingParams"]

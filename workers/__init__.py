@@ -1,0 +1,10 @@
+"""A rank: ``Worker`` plus a device mixin, the model, KV cache and sampler."""
+
+
+def worker_class(device: str):
+    """The rank class for a device (imported lazily: GPU/TPU code stays optional)."""
+    if device == "cpu":
+        from workers.cpu_worker import CPUWorker
+
+        return CPUWorker
+    raise ValueError(f"device: no worker for {device!r}; available: cpu")

@@ -1,0 +1,194 @@
+"""The persistent batch a rank keeps between steps: token histories, progress and
+block tables of every live request, in fixed rows of preallocated arrays, so a
+step's inputs are gathered with a few vectorised numpy ops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serialization import ExecuteModelRequest, SamplingOptions, unpack_i32
+
+
+@dataclass
+class RowState:
+    """What a rank knows about one request beyond its row of the arrays."""
+
+    seq_id: int
+    row: int
+    num_prompt_tokens: int
+    sampling: SamplingOptions
+    generator: torch.Generator | None
+    running: bool = True  # False while preempted: tokens kept, KV gone
+
+
+@dataclass
+class StepInputs:
+    """Flattened inputs of one step (T tokens over S scheduled requests)."""
+
+    rows: np.ndarray  # [S] row of each scheduled request, step order
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T] flat KV slot
+    query_start_loc: np.ndarray  # [S+1]
+    seq_lens: np.ndarray  # [S] context length after this step
+    block_tables: np.ndarray  # [S, max_blocks]
+    sample_idx: np.ndarray  # [S'] indices (into S) of requests that sample this step
+    logits_indices: np.ndarray  # [S'] token index whose hidden state is sampled
+
+
+class InputBatch:
+    """Rows of request state; applies step deltas and builds step inputs."""
+
+    def __init__(self, max_model_len: int, block_size: int, initial_rows: int = 64):
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.max_blocks = -(-max_model_len // block_size)
+        # one spare column: the token sampled at max_model_len is stored, then the engine stops it
+        self.token_ids = np.zeros((initial_rows, max_model_len + 1), dtype=np.int32)
+        self.num_tokens = np.zeros(initial_rows, dtype=np.int32)
+        self.num_computed = np.zeros(initial_rows, dtype=np.int32)
+        self.block_table = np.zeros((initial_rows, self.max_blocks), dtype=np.int32)
+        self.num_blocks = np.zeros(initial_rows, dtype=np.int32)
+        self.states: dict[int, RowState] = {}
+        self.row_states: list[RowState | None] = [None] * initial_rows
+        self._free_rows = list(range(initial_rows - 1, -1, -1))
+
+    # ---- deltas -------------------------------------------------------------------
+
+    def validate(self, msg: ExecuteModelRequest) -> None:
+        """Checks a step against this batch before anything changes, so a bad
+        message raises (naming the field) and leaves the batch intact."""
+        live = set(self.states)
+        finished = set(unpack_i32(msg.finished_ids).tolist())
+        if unknown := finished - live:
+            raise ValueError(f"finished_ids: unknown seq ids {sorted(unknown)}")
+        live -= finished
+        preempted = set(unpack_i32(msg.preempted_ids).tolist())
+        if unknown := preempted - live:
+            raise ValueError(f"preempted_ids: unknown seq ids {sorted(unknown)}")
+        for req in msg.new_requests:
+            if req.seq_id in live:
+                raise ValueError(f"new_requests: seq id {req.seq_id} is already live")
+            n = len(req.prompt_token_ids) // 4
+            if not 0 < n <= self.max_model_len:
+                raise ValueError(f"new_requests[{req.seq_id}].prompt_token_ids: length {n} "
+                                 f"outside 1..max_model_len={self.max_model_len}")
+            if not 0 <= req.num_computed_tokens < n:
+                raise ValueError(f"new_requests[{req.seq_id}].num_computed_tokens: "
+                                 f"{req.num_computed_tokens} outside 0..{n - 1}")
+            live.add(req.seq_id)
+        for upd in msg.resumed:
+            if upd.seq_id not in live:
+                raise ValueError(f"resumed: unknown seq id {upd.seq_id}")
+        for upd in msg.block_updates:
+            if upd.seq_id not in live:
+                raise ValueError(f"block_updates: unknown seq id {upd.seq_id}")
+        seq_ids = unpack_i32(msg.scheduled_seq_ids)
+        counts = unpack_i32(msg.num_scheduled_tokens)
+        if len(seq_ids) != len(counts):
+            raise ValueError(f"num_scheduled_tokens: {len(counts)} entries for "
+                             f"{len(seq_ids)} scheduled_seq_ids")
+        if unknown := set(seq_ids.tolist()) - live:
+            raise ValueError(f"scheduled_seq_ids: unknown seq ids {sorted(unknown)}")
+        if len(counts) and counts.min() < 1:
+            raise ValueError("num_scheduled_tokens: every entry must be >= 1")
+
+    def apply(self, msg: ExecuteModelRequest) -> None:
+        for seq_id in unpack_i32(msg.finished_ids).tolist():
+            row = self.states.pop(seq_id).row
+            self.row_states[row] = None
+            self._free_rows.append(row)
+        for seq_id in unpack_i32(msg.preempted_ids).tolist():
+            state = self.states[seq_id]
+            state.running = False
+            self.num_computed[state.row] = 0
+            self.num_blocks[state.row] = 0
+        for req in msg.new_requests:
+            row = self._take_row()
+            prompt = np.frombuffer(req.prompt_token_ids, dtype="<i4")
+            self.token_ids[row, : len(prompt)] = prompt
+            self.num_tokens[row] = len(prompt)
+            self.num_computed[row] = req.num_computed_tokens
+            self._set_blocks(row, req.block_ids)
+            gen = None
+            if req.sampling.temperature >= 1e-5:
+                gen = torch.Generator().manual_seed(req.sampling.seed)
+            state = RowState(req.seq_id, row, len(prompt), req.sampling, gen)
+            self.states[req.seq_id] = self.row_states[row] = state
+        for upd in msg.resumed:
+            state = self.states[upd.seq_id]
+            state.running = True
+            self.num_computed[state.row] = upd.num_computed_tokens
+            self._set_blocks(state.row, upd.block_ids)
+        for upd in msg.block_updates:
+            row = self.states[upd.seq_id].row
+            new = np.frombuffer(upd.new_block_ids, dtype="<i4")
+            start = self.num_blocks[row]
+            self.block_table[row, start : start + len(new)] = new
+            self.num_blocks[row] = start + len(new)
+
+    def _set_blocks(self, row: int, block_ids: bytes) -> None:
+        ids = np.frombuffer(block_ids, dtype="<i4")
+        self.block_table[row, : len(ids)] = ids
+        self.num_blocks[row] = len(ids)
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old = len(self.num_tokens)
+            self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
+            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            for name in ("num_tokens", "num_computed", "num_blocks"):
+                arr = getattr(self, name)
+                setattr(self, name, np.concatenate([arr, np.zeros_like(arr)]))
+            self.row_states += [None] * old
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    # ---- one step -----------------------------------------------------------------
+
+    def prepare(self, msg: ExecuteModelRequest) -> StepInputs:
+        seq_ids = unpack_i32(msg.scheduled_seq_ids)
+        counts = unpack_i32(msg.num_scheduled_tokens).astype(np.int64)
+        rows = np.fromiter((self.states[s].row for s in seq_ids.tolist()), np.int64, len(seq_ids))
+        starts = self.num_computed[rows].astype(np.int64)
+        ends = starts + counts
+        if (ends > self.num_tokens[rows]).any():
+            bad = seq_ids[ends > self.num_tokens[rows]].tolist()
+            raise ValueError(f"num_scheduled_tokens: runs past the known tokens of seq ids {bad}")
+        if (-(-ends // self.block_size) > self.num_blocks[rows]).any():
+            bad = seq_ids[-(-ends // self.block_size) > self.num_blocks[rows]].tolist()
+            raise ValueError(f"block ids: too few blocks for the scheduled tokens of seq ids {bad}")
+        cu = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        req_idx = np.repeat(np.arange(len(counts)), counts)
+        positions = np.arange(cu[-1]) - cu[:-1][req_idx] + starts[req_idx]
+        token_rows = rows[req_idx]
+        slot = (self.block_table[token_rows, positions // self.block_size].astype(np.int64)
+                * self.block_size + positions % self.block_size)
+        samples = ends == self.num_tokens[rows]
+        max_blocks = int(-(-ends.max() // self.block_size)) if len(ends) else 0
+        return StepInputs(
+            rows=rows,
+            input_ids=self.token_ids[token_rows, positions].astype(np.int64),
+            positions=positions,
+            slot_mapping=slot,
+            query_start_loc=cu.astype(np.int32),
+            seq_lens=ends.astype(np.int32),
+            block_tables=self.block_table[rows, :max_blocks],
+            sample_idx=np.flatnonzero(samples),
+            logits_indices=cu[1:][samples] - 1,
+        )
+
+    def commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
+        """Advances progress for every scheduled request and appends sampled tokens."""
+        self.num_computed[inputs.rows] = inputs.seq_lens
+        rows = inputs.rows[inputs.sample_idx]
+        self.token_ids[rows, self.num_tokens[rows]] = sampled
+        self.num_tokens[rows] += 1
+
+    def tokens_of(self, seq_id: int) -> np.ndarray:
+        row = self.states[seq_id].row
+        return self.token_ids[row, : self.num_tokens[row]]

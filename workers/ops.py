@@ -1,0 +1,351 @@
+"""Custom ops (namespace ``spmd``): one call site for every device, traceable by torch.compile.
+
+Each op is a ``torch.library.custom_op`` whose Python body is the reference
+implementation, written in plain vectorised torch and used on every device that
+has no kernel of its own (today: the CPU). A device kernel is added next to it
+without touching call sites, e.g. in a CUDA module::
+
+    @torch.library.register_kernel("spmd::paged_attention", "cuda")
+    def _(q, kv_cache, block_tables, ...): ...
+
+Each op also has a fake (meta) implementation, so shapes propagate under
+``torch.compile`` and the profiler. Numerics follow Hugging Face transformers'
+Llama (fp32 eager attention), because the project's bar is greedy-token equality.
+
+The thin wrappers at the bottom (``rms_norm``, ``paged_attention``, ...) are the
+public API; they call ``torch.ops.spmd.*`` so that the dispatcher picks the kernel.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+# Upper bound on the temporaries (gathered K/V, attention scores) of one
+# paged-attention chunk; larger batches and prompts are processed in chunks.
+_ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def _rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Same op sequence as LlamaRMSNorm, so fp32 results are bit-identical.
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+@torch.library.custom_op("spmd::rms_norm", mutates_args=())
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _rms_norm_ref(x, weight, eps)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("spmd::fused_add_rms_norm", mutates_args=())
+def _fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    new_residual = x + residual
+    return _rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+@_fused_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    residual_dtype = torch.promote_types(x.dtype, residual.dtype)
+    normed = x.new_empty(x.shape, dtype=torch.promote_types(weight.dtype, residual_dtype))
+    return normed, x.new_empty(x.shape, dtype=residual_dtype)
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+@torch.library.custom_op("spmd::silu_and_mul", mutates_args=())
+def _silu_and_mul(x: Tensor) -> Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@_silu_and_mul.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> tuple[Tensor, float]:
+    """Inverse frequencies and attention scaling, with transformers' float32 arithmetic."""
+    rope_type = "default"
+    if rope_scaling is not None:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    # Keep these expressions as transformers writes them: a Python scalar divided
+    # by a tensor is reciprocal-then-multiply, so reordering changes the bits.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / rope_scaling["factor"], 1.0
+    if rope_type == "llama3":
+        factor = rope_scaling["factor"]
+        low_freq_factor = rope_scaling["low_freq_factor"]
+        high_freq_factor = rope_scaling["high_freq_factor"]
+        old_context_len = rope_scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are scaled by 1/factor, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    raise ValueError(
+        f"rope_scaling.rope_type={rope_type!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def build_cos_sin_cache(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """RoPE table ``[max_position, head_dim]``: cos in the first half, sin in the second.
+
+    Built in float32 exactly like transformers' LlamaRotaryEmbedding, then cast to ``dtype``.
+    """
+    inv_freq, attention_scaling = _rope_inv_freq(head_dim, base, rope_scaling)
+    positions = torch.arange(max_position, dtype=torch.int64).to(torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    cos = freqs.cos() * attention_scaling
+    sin = freqs.sin() * attention_scaling
+    return torch.cat((cos, sin), dim=-1).to(dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> Tensor:
+    # x * cos + rotate_half(x) * sin, written per half; a + (-b) == a - b in IEEE,
+    # so this is bit-identical to transformers' apply_rotary_pos_emb.
+    heads = x.reshape(x.shape[0], -1, head_dim)
+    x1, x2 = heads.chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.view(x.shape)
+
+
+@torch.library.custom_op("spmd::rotary_embedding", mutates_args=())
+def _rotary_embedding(
+    positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor, head_dim: int
+) -> tuple[Tensor, Tensor]:
+    assert cos_sin_cache.shape[-1] == head_dim, "cos_sin_cache must be [max_position, head_dim]"
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(-2).chunk(2, dim=-1)
+    return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
+
+
+@_rotary_embedding.register_fake
+def _(positions, q, k, cos_sin_cache, head_dim):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    )
+
+
+# --------------------------------------------------------------------------- paged KV cache
+
+
+@torch.library.custom_op("spmd::write_kv_cache", mutates_args=("kv_cache",))
+def _write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    # view (not reshape): a copy would silently drop the write.
+    slots = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    keep = slot_mapping >= 0  # -1 marks padding tokens
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    slots[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    slots[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+@_write_kv_cache.register_fake
+def _(key, value, kv_cache, slot_mapping):
+    return None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> Tensor:
+    """Eager attention, batched: q [B, n, nh, hd], k/v [B, L, nkv, hd], masked [B, n, L] -> [B, n, nh, hd].
+
+    Grouped-query heads are folded into the query dimension rather than repeating K/V.
+    """
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    q = q.view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
+    # Same arithmetic as transformers' eager attention: (q @ k^T) * scale, mask,
+    # softmax in float32, cast back, @ v.
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).mul_(scale)
+    scores = scores.view(batch, num_kv_heads, group, num_queries, -1)
+    scores.masked_fill_(masked[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * num_queries, -1), v.permute(0, 2, 1, 3))
+    out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, num_queries, num_heads, head_dim)
+
+
+def _decode_attention(
+    q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float
+) -> Tensor:
+    """One query per sequence: q [S, nh, hd] -> [S, nh, hd]; K/V gathered for all sequences at once."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    seq_lens = seq_lens.to(torch.int64)
+    num_blocks = (seq_lens + block_size - 1) // block_size
+    max_blocks = int(num_blocks.max())
+    block_tables = block_tables[:, :max_blocks].to(torch.int64)
+    # Table entries past a sequence's last block may be anything; point them at block 0.
+    block_tables = block_tables.masked_fill(
+        torch.arange(max_blocks) >= num_blocks[:, None], 0
+    )
+    context_len = max_blocks * block_size
+    bytes_per_seq = 2 * context_len * num_kv_heads * head_dim * q.element_size()
+    chunk = max(1, _ATTENTION_CHUNK_BYTES // bytes_per_seq)
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        num_rows = q[rows].shape[0]
+        kv = kv_cache[:, block_tables[rows]].to(q.dtype)  # [2, S, max_blocks, block, nkv, hd]
+        k = kv[0].view(num_rows, context_len, num_kv_heads, head_dim)
+        v = kv[1].view(num_rows, context_len, num_kv_heads, head_dim)
+        masked = torch.arange(context_len) >= seq_lens[rows, None]
+        # Unwritten slots may hold NaN, and 0 * NaN would leak through the
+        # probabilities; masked scores are already -inf, so only V needs zeroing.
+        v.view(-1, num_kv_heads, head_dim)[masked.view(-1)] = 0
+        out[rows] = _attend(q[rows, None], k, v, masked[:, None], scale)[:, 0]
+    return out
+
+
+def _prefill_attention(
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_len: int, scale: float
+) -> Tensor:
+    """The last n positions of one sequence's context: q [n, nh, hd] -> [n, nh, hd], causal."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    num_queries, num_heads = q.shape[:2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    kv = kv_cache[:, block_table[:num_blocks].to(torch.int64)].to(q.dtype)
+    kv = kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, :seq_len]
+    first_pos = seq_len - num_queries
+    # Chunk queries to bound the scores tensor; a chunk only needs keys up to its last position.
+    chunk = max(1, _ATTENTION_CHUNK_BYTES // (num_heads * seq_len * 4))
+    out = torch.empty_like(q)
+    for start in range(0, num_queries, chunk):
+        end = min(start + chunk, num_queries)
+        context_len = first_pos + end
+        query_pos = torch.arange(first_pos + start, first_pos + end)
+        masked = torch.arange(context_len) > query_pos[:, None]
+        k = kv[0, None, :context_len]
+        v = kv[1, None, :context_len]
+        out[start:end] = _attend(q[None, start:end], k, v, masked[None], scale)[0]
+    return out
+
+
+@torch.library.custom_op("spmd::paged_attention", mutates_args=())
+def _paged_attention(
+    q: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> Tensor:
+    # Tokens past query_start_loc[-1] are batch padding: their output is zero.
+    out = torch.zeros_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0:
+        return out
+    if max_query_len == 1 and int(query_start_loc[-1]) == num_seqs:
+        # Pure decode batch: sequence i owns token i.
+        out[:num_seqs] = _decode_attention(q[:num_seqs], kv_cache, block_tables, seq_lens, scale)
+        return out
+    starts = query_start_loc.to(torch.int64)
+    query_lens = starts[1:] - starts[:-1]
+    is_decode = query_lens == 1
+    if bool(is_decode.any()):
+        decode_tokens = starts[:-1][is_decode]
+        out[decode_tokens] = _decode_attention(
+            q[decode_tokens], kv_cache, block_tables[is_decode], seq_lens[is_decode], scale
+        )
+    lens = seq_lens.tolist()
+    bounds = starts.tolist()
+    for i in (~is_decode & (query_lens > 0)).nonzero().view(-1).tolist():
+        tokens = slice(bounds[i], bounds[i + 1])
+        out[tokens] = _prefill_attention(q[tokens], kv_cache, block_tables[i], lens[i], scale)
+    return out
+
+
+@_paged_attention.register_fake
+def _(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale):
+    return torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm: ``weight * (x * rsqrt(mean(x^2) + eps))``, normalised in float32."""
+    return torch.ops.spmd.rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(rms_norm(x + residual), x + residual)``; returns new tensors."""
+    return torch.ops.spmd.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """``silu(x[..., :I]) * x[..., I:]`` for ``x`` of width ``2 * I``."""
+    return torch.ops.spmd.silu_and_mul(x)
+
+
+def rotary_embedding(
+    positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor, head_dim: int
+) -> tuple[Tensor, Tensor]:
+    """NeoX-style (rotate-half) RoPE on ``q [T, nh*hd]`` and ``k [T, nkv*hd]`` at ``positions [T]``.
+
+    ``cos_sin_cache`` comes from ``build_cos_sin_cache``. Returns new tensors shaped like q and k.
+    """
+    return torch.ops.spmd.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+
+
+def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Store ``key``/``value [T, nkv, hd]`` into ``kv_cache [2, num_blocks, block_size, nkv, hd]``.
+
+    Token t goes to flat slot ``slot_mapping[t] = block_id * block_size + offset``; -1 skips it.
+    """
+    torch.ops.spmd.write_kv_cache(key, value, kv_cache, slot_mapping)
+
+
+def paged_attention(
+    q: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> Tensor:
+    """Causal attention of a mixed prefill/decode batch over the paged KV cache.
+
+    Sequence i owns queries ``q[query_start_loc[i]:query_start_loc[i+1]]`` (n_i of them), the
+    last n_i positions of its context of ``seq_lens[i]`` tokens, whose K/V (already written)
+    live at ``block_tables[i, p // block_size]``, offset ``p % block_size``. GQA: query head h
+    reads kv head ``h // (nh // nkv)``. Returns ``[T, nh, hd]``.
+    """
+    return torch.ops.spmd.paged_attention(
+        q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
+    )

@@ -1,0 +1,189 @@
+"""One tensor-parallel rank: the same code on every rank, no driver special case.
+
+``Worker`` holds what every device shares (persistent batch, model, KV cache,
+sampler, ``execute_model``); a device mixin supplies ``init_device``,
+``determine_num_kv_blocks`` and the device itself. Concrete ranks are
+compositions, e.g. ``class CPUWorker(CPUMixin, Worker)``.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from serialization import (
+    ExecuteModelRequest,
+    RankCall,
+    RankConfig,
+    RankReply,
+    SamplerOutput,
+    decode_rank_input,
+    encode,
+    pack_f32,
+    pack_i32,
+)
+from workers.attention import AttentionMetadata
+from workers.input_batch import InputBatch, StepInputs
+from workers.model_loader import load_model
+from workers.sampler import Sampler, SampleResult, SamplingRow
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RankError(RuntimeError):
+    """An exception raised on a rank, re-raised with the rank named."""
+
+
+class Worker:
+    """Device-independent rank logic. Subclasses mix in a device."""
+
+    device: torch.device
+
+    def __init__(self, config: RankConfig, tp_rank: int):
+        self.config = config
+        self.tp_rank = tp_rank
+        self.dtype = _DTYPES[config.dtype]
+        self.init_device()
+        self.model = load_model(config.model, config.load_format, self.dtype, tp_rank,
+                                config.tp_size, seed=config.seed)
+        self.sampler = Sampler()
+        self.batch = InputBatch(config.max_model_len, config.block_size)
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- device hooks (mixins) --------------------------------------------------
+
+    def init_device(self) -> None:
+        raise NotImplementedError
+
+    def determine_num_kv_blocks(self) -> int:
+        raise NotImplementedError
+
+    def kv_block_bytes(self) -> int:
+        shape = self.model.kv_cache_shape(1, self.config.block_size)
+        return int(np.prod(shape)) * self.dtype.itemsize * self.model.num_layers
+
+    # ---- transport entry point ----------------------------------------------------
+
+    def execute_model(self, data: bytes) -> bytes | None:
+        """Runs one step (rank 0 returns the SamplerOutput, others None) or one
+        broadcast call (every rank returns a RankReply)."""
+        try:
+            msg = decode_rank_input(data)
+            if isinstance(msg, RankCall):
+                return encode(RankReply(self.tp_rank, self._call(msg)))
+            out = self._step(msg)
+            return encode(out) if self.tp_rank == 0 else None
+        except Exception as e:
+            raise RankError(f"rank {self.tp_rank}: {type(e).__name__}: {e}\n"
+                            f"{traceback.format_exc()}") from None
+
+    def _call(self, msg: RankCall):
+        if msg.method not in _CALLS:
+            raise ValueError(f"method: unknown rank call {msg.method!r}; known: {sorted(_CALLS)}")
+        return getattr(self, msg.method)(*msg.args)
+
+    # ---- broadcast calls ----------------------------------------------------------
+
+    def ping(self) -> str:
+        return "ok"
+
+    def initialize_cache(self, num_blocks: int) -> int:
+        shape = self.model.kv_cache_shape(num_blocks, self.config.block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.model.num_layers)]
+        return num_blocks
+
+    def num_live_requests(self) -> int:
+        return len(self.batch.states)
+
+    def batch_digest(self) -> str:
+        """The persistent batch as text (seq id → tokens, progress), for tests that
+        check every rank agrees with the engine."""
+        parts = []
+        for seq_id in sorted(self.batch.states):
+            row = self.batch.states[seq_id].row
+            toks = self.batch.tokens_of(seq_id).tolist()
+            parts.append(f"{seq_id}:{int(self.batch.num_computed[row])}:{toks}")
+        return ";".join(parts)
+
+    def raise_error(self, message: str) -> None:
+        """Test hook: this rank raises (the engine must name it)."""
+        raise RuntimeError(message)
+
+    def sleep(self, seconds: float) -> bool:
+        """Test hook: this rank stops answering for a while (the engine must time out)."""
+        time.sleep(seconds)
+        return True
+
+    # ---- one step -----------------------------------------------------------------
+
+    def _step(self, msg: ExecuteModelRequest) -> SamplerOutput:
+        t0 = time.perf_counter()
+        self.batch.validate(msg)
+        self.batch.apply(msg)
+        if not msg.scheduled_seq_ids:
+            return SamplerOutput(step_id=msg.step_id)
+        inputs = self.batch.prepare(msg)
+        t_model = time.perf_counter()
+        result = self._run_model(inputs)
+        sampled = result.token_ids.numpy().astype(np.int32)
+        self.batch.commit(inputs, sampled)
+        t1 = time.perf_counter()
+        return self._output(msg.step_id, inputs, result, sampled, t1 - t_model, t1 - t0)
+
+    @torch.inference_mode()
+    def _run_model(self, inputs: StepInputs) -> SampleResult:
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev),
+            seq_lens=torch.from_numpy(inputs.seq_lens).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(inputs.block_tables)).to(dev),
+            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev),
+            max_query_len=int(np.diff(inputs.query_start_loc).max()),
+            max_seq_len=int(inputs.seq_lens.max()),
+        )
+        hidden = self.model(torch.from_numpy(inputs.input_ids).to(dev),
+                            torch.from_numpy(inputs.positions).to(dev), meta, self.kv_caches)
+        if len(inputs.logits_indices) == 0:
+            return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
+        logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(dev)])
+        return self.sampler(logits.float().cpu(), self._sampling_rows(inputs))
+
+    def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
+        batch = self.batch
+        out = []
+        for row in inputs.rows[inputs.sample_idx].tolist():
+            state = batch.row_states[row]
+            opts = state.sampling
+            needs_history = (opts.presence_penalty or opts.frequency_penalty
+                             or opts.repetition_penalty != 1.0)
+            outputs = (batch.token_ids[row, state.num_prompt_tokens : batch.num_tokens[row]].tolist()
+                       if needs_history else [])
+            prompt = batch.token_ids[row, : state.num_prompt_tokens]
+            out.append(SamplingRow(opts, state.generator, prompt, outputs))
+        return out
+
+    def _output(self, step_id: int, inputs: StepInputs, result: SampleResult,
+                sampled: np.ndarray, model_time_s: float, rank_time_s: float) -> SamplerOutput:
+        states = [self.batch.row_states[r] for r in inputs.rows[inputs.sample_idx].tolist()]
+        seq_ids = np.array([s.seq_id for s in states], dtype=np.int32)
+        fields = {}
+        if result.sampled_logprobs is not None:
+            idx = np.flatnonzero([s.sampling.logprobs >= 0 for s in states])
+            k = max(states[i].sampling.logprobs for i in idx.tolist())
+            fields = dict(
+                logprob_seq_ids=pack_i32(seq_ids[idx]),
+                sampled_logprobs=pack_f32(result.sampled_logprobs.numpy()[idx]),
+                num_top=k,
+                top_ids=pack_i32(result.top_ids[idx, :k].numpy()) if k else b"",
+                top_logprobs=pack_f32(result.top_logprobs[idx, :k].numpy()) if k else b"",
+            )
+        return SamplerOutput(step_id=step_id, seq_ids=pack_i32(seq_ids), token_ids=sampled.tobytes(),
+                             model_time_s=model_time_s, rank_time_s=rank_time_s, **fields)
+
+
+_CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
+          "batch_digest", "raise_error", "sleep"}

@@ -22,7 +22,7 @@ from serialization import (
 from spmd.config import EngineConfig, resolve_model
 from spmd.output_processor import OutputProcessor
 from spmd.outputs import RequestOutput
-from spmd.request import Request, RequestStatus
+from spmd.request import Request
 from spmd.sampling_params import SamplingParams
 from spmd.scheduler import Scheduler
 from spmd.step_encoder import to_message
@@ -74,6 +74,7 @@ class Engine:
         self._next_seq_id = 0
         self._step_id = 0
         self.last_step_stats: dict = {}
+        self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0)
         self._closed = False
 
     # ---- requests -----------------------------------------------------------------
@@ -136,6 +137,11 @@ class Engine:
         updated = self.scheduler.update_from_output(sched, dict(zip(seq_ids, tokens)))
         results = self.outputs.process(updated, out, self.scheduler)
         t1 = time.perf_counter()
+        totals = self.stats_total
+        totals["steps"] += 1
+        totals["preemptions"] += len(sched.preempted_ids)
+        totals["generation_tokens"] += len(seq_ids)
+        totals["prompt_tokens"] += sched.total_num_scheduled_tokens - len(seq_ids)
         self.last_step_stats = dict(
             num_tokens=sched.total_num_scheduled_tokens, num_seqs=len(sched.scheduled),
             message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,

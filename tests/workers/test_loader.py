@@ -5,25 +5,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
-
-from tiny_models import build_variant, tiny_config  # noqa: E402
-
-
-from workers.layers.linear import narrow_weight  # noqa: E402
-from workers.model_loader import (load_hf_config, load_model, resolve_model_path,  # noqa: E402
+from tiny_models import build_variant, tiny_config
+from workers.layers.linear import narrow_weight
+from workers.model_loader import (load_hf_config, load_model, resolve_model_path,
                                   validate_tp)
-from workers.models import get_model_class  # noqa: E402
+from workers.models import get_model_class
 
 
 @pytest.fixture(scope="module")
-def llama_bias(tmp_path_factory):
-    return build_variant(tmp_path_factory.mktemp("tiny"), "llama_bias")
+def llama_bias(tiny_dir):
+    return tiny_dir("llama_bias")
 
 
 def _hf_state(path):

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
-
-from tiny_models import VARIANTS, build_variant  # noqa: E402
-
-
-from workers.attention import AttentionMetadata  # noqa: E402
-from workers.model_loader import load_model  # noqa: E402
+from workers.attention import AttentionMetadata
+from workers.model_loader import load_model
 
 BLOCK_SIZE = 4
 PROMPT_LENS = (5, 9, 3)
@@ -85,9 +79,8 @@ def hf_last_logits(hf_model, contexts) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {v: build_variant(root, v) for v in MODEL_VARIANTS}
+def checkpoints(tiny_dir):
+    return {v: tiny_dir(v) for v in MODEL_VARIANTS}
 
 
 def _hf(path):

@@ -1,6 +1,7 @@
 """spmd custom ops: opcheck, float64 references, and parity with transformers' Llama."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 
 from workers import ops
@@ -265,6 +267,32 @@ def test_paged_attention_chunks_long_inputs(monkeypatch):
     args, contexts = _paged_batch([1, 1, 12, 1, 5], [30, 3, 12, 50, 21], 4, 1, 8, 4, torch.float32, seed=8)
     out = ops.paged_attention(*args)
     torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_matches_llama_eager():
+    """The project's parity bar: transformers' fp32 eager attention (prefill exact on this CPU)."""
+    query_lens, seq_lens = [1, 40, 9, 1], [70, 40, 33, 5]
+    num_heads, num_kv_heads, head_dim = 9, 3, 16
+    args, contexts = _paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, 12)
+    q, scale = args[0].mul_(3), args[-1]  # larger scores make rounding differences visible
+    out = ops.paged_attention(*args)
+    module = types.SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads, training=False)
+    start = 0
+    for n, seq_len, (k, v) in zip(query_lens, seq_lens, contexts):
+        q_pos = torch.arange(seq_len - n, seq_len)
+        mask = torch.zeros(n, seq_len).masked_fill(
+            torch.arange(seq_len) > q_pos[:, None], torch.finfo(torch.float32).min
+        )
+        expected, _ = eager_attention_forward(
+            module,
+            q[None, start : start + n].transpose(1, 2),
+            k[None].transpose(1, 2),
+            v[None].transpose(1, 2),
+            mask[None, None],
+            scale,
+        )
+        torch.testing.assert_close(out[start : start + n], expected[0], atol=1e-5, rtol=0)
+        start += n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

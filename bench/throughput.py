@@ -1,0 +1,343 @@
+"""Offline throughput, shaped like vLLM's ``benchmark_throughput``: random token-id
+prompts, greedy decoding that never stops early, only ``generate`` timed.
+
+    python -m bench.throughput --model llama2-7b --load-format dummy --tp 2 \\
+        --input-len 256 --output-len 256 --num-prompts 1000 --backends dag,hf
+
+``--backends`` runs several backends one after the other in this process on the
+same prompts and prints their ratios to the first: on a noisy machine, numbers
+taken side by side are the ones to compare. ``hf`` is Hugging Face transformers
+``generate`` on the same model, all prompts in one left-padded batch (or batches
+of ``--hf-batch-size``). Every backend counts the same tokens: each prompt's
+tokens plus the output tokens that request asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench.presets import PRESETS, is_preset, materialize
+
+ENGINE_BACKENDS = ("dag", "ray", "inproc")
+BACKENDS = ENGINE_BACKENDS + ("hf",)
+MIXED_RANGE = (16, 256)  # --mixed: input and output lengths, inclusive
+
+
+@dataclasses.dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]  # each request's max_tokens
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclasses.dataclass
+class Result:
+    backend: str
+    startup_s: float
+    elapsed_s: float
+    num_requests: int
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+    def summary(self) -> dict:
+        return dict(
+            backend=self.backend, startup_s=round(self.startup_s, 3),
+            elapsed_s=round(self.elapsed_s, 3),
+            requests_per_s=round(self.num_requests / self.elapsed_s, 4),
+            total_tokens_per_s=round((self.num_prompt_tokens + self.num_output_tokens) / self.elapsed_s, 2),
+            output_tokens_per_s=round(self.num_output_tokens / self.elapsed_s, 2))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                   help=f"HF directory, .gguf file, the default model's name, or (with --load-format "
+                        f"dummy) a preset: {', '.join(PRESETS)}")
+    p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "gguf", "dummy"))
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--backend", default="dag", choices=BACKENDS)
+    p.add_argument("--backends", default=None,
+                   help="comma list run side by side on the same prompts (overrides --backend); "
+                        "ratios are to the first")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--mixed", action="store_true",
+                   help="input length and max_tokens each uniform in %d..%d per request" % MIXED_RANGE)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--disable-detokenize", action="store_true",
+                   help="do not detokenize outputs (they are always detokenized when the model has a tokenizer)")
+    p.add_argument("--hf-batch-size", type=int, default=0, help="hf backend: prompts per generate call; 0: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in (args.backends or args.backend).split(",") if b.strip()]
+    for b in args.backends:
+        if b not in BACKENDS:
+            p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if "inproc" in args.backends and args.tp != 1:
+        p.error(f"--backends: 'inproc' runs --tp 1 only, got --tp {args.tp}")
+    if is_preset(args.model) and args.load_format != "dummy":
+        p.error(f"--model: preset {args.model!r} has no weights; add --load-format dummy")
+    for name in ("num_prompts", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1")
+    return args
+
+
+# ---- workload ---------------------------------------------------------------------------
+
+def make_workload(args, vocab_size: int) -> Workload:
+    """Seeded random prompts drawn from the whole vocabulary."""
+    rng = np.random.default_rng(args.seed)
+    n = args.num_prompts
+    if args.mixed:
+        lo, hi = MIXED_RANGE
+        input_lens = rng.integers(lo, hi + 1, n)
+        output_lens = rng.integers(lo, hi + 1, n)
+    else:
+        input_lens = np.full(n, args.input_len)
+        output_lens = np.full(n, args.output_len)
+    prompts = [rng.integers(0, vocab_size, int(k)).tolist() for k in input_lens]
+    return Workload(prompts, [int(k) for k in output_lens])
+
+
+def check_fits(workload: Workload, max_model_len: int) -> None:
+    longest = max(len(p) + k for p, k in zip(workload.prompts, workload.output_lens))
+    if longest > max_model_len:
+        raise ValueError(f"input + output length: {longest} tokens exceed max_model_len={max_model_len}; "
+                         "lower --input-len/--output-len or pick a longer model")
+
+
+# ---- backends -----------------------------------------------------------------------------
+
+def run_engine(backend: str, model_path: str, workload: Workload, args) -> Result:
+    from spmd import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model_path, tensor_parallel_size=args.tp, backend=backend, load_format=args.load_format,
+              dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              seed=args.seed, skip_tokenizer_init=not _has_tokenizer(model_path))
+    try:
+        startup_s = time.perf_counter() - t0
+        params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
+                                 detokenize=not args.disable_detokenize) for k in workload.output_lens]
+        prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed_s = time.perf_counter() - t0
+    finally:
+        llm.shutdown()
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if generated != workload.num_output_tokens:
+        print(f"warning: {backend} generated {generated} tokens, {workload.num_output_tokens} requested",
+              file=sys.stderr)
+    return Result(backend, startup_s, elapsed_s, len(outputs), workload.num_prompt_tokens,
+                  workload.num_output_tokens)
+
+
+def run_hf(model_path: str, workload: Workload, args) -> Result:
+    """transformers ``generate``: greedy, EOS disabled, left padding with an attention mask."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from workers.model_loader import load_hf_config, resolve_model_path
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, _dtype_name(args.dtype, args.device))
+    if args.load_format == "dummy":
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(load_hf_config(model_path), dtype=dtype)
+    else:
+        folder, gguf_file = resolve_model_path(model_path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    model = model.to(args.device).eval()
+    gen = model.generation_config
+    gen.eos_token_id = None  # never stop early: the same tokens as ignore_eos=True
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
+    pad_id = gen.pad_token_id if gen.pad_token_id is not None else 0
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    startup_s = time.perf_counter() - t0
+
+    n = len(workload.prompts)
+    size = args.hf_batch_size or n
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, size), desc="hf generate", unit="batch"):
+            prompts = workload.prompts[start:start + size]
+            max_new = max(workload.output_lens[start:start + size])
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device),
+                                 max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
+            assert out.shape[1] == width + max_new, out.shape
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed_s = time.perf_counter() - t0
+    del model
+    return Result("hf", startup_s, elapsed_s, n, workload.num_prompt_tokens, workload.num_output_tokens)
+
+
+def _dtype_name(dtype: str, device: str) -> str:
+    # the same rule as spmd.EngineConfig.dtype
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def _has_tokenizer(model_path: str) -> bool:
+    if model_path.endswith(".gguf"):
+        return True
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if os.path.isdir(model_path):
+        files = set(os.listdir(model_path))
+        return bool(files & set(names)) or any(f.endswith(".gguf") for f in files)
+    return False
+
+
+# ---- report -------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    """Where and when a number was taken (recorded with every result)."""
+    import torch
+
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(), platform=platform.platform(), python=platform.python_version(),
+        cpu=_cpu_model(), cpu_count=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
+        torch=torch.__version__, gpu=None, git_commit=_git_commit())
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def print_table(results: list[dict]) -> None:
+    base = results[0]["output_tokens_per_s"]
+    header = f"{'backend':<8} {'startup s':>9} {'elapsed s':>9} {'req/s':>8} {'total tok/s':>11} " \
+             f"{'out tok/s':>10} {'× ' + results[0]['backend']:>8}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['backend']:<8} {r['startup_s']:>9.1f} {r['elapsed_s']:>9.2f} {r['requests_per_s']:>8.2f} "
+              f"{r['total_tokens_per_s']:>11.1f} {r['output_tokens_per_s']:>10.1f} "
+              f"{r['output_tokens_per_s'] / base:>8.2f}")
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    """Runs the benchmark; returns the dict printed as the JSON line."""
+    args = parse_args(argv)
+    from spmd.config import resolve_model
+    from workers.model_loader import load_hf_config
+
+    model_path = materialize(args.model) if is_preset(args.model) else resolve_model(args.model)
+    hf_config = load_hf_config(model_path)
+    workload = make_workload(args, hf_config.vocab_size)
+    check_fits(workload, args.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048)
+
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    results = []
+    try:
+        for backend in args.backends:
+            if backend == "hf":
+                result = run_hf(model_path, workload, args)
+            else:
+                result = run_engine(backend, model_path, workload, args)
+            results.append(result.summary())
+            r = results[-1]
+            print(f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} "
+                  f"total tokens/s, {r['output_tokens_per_s']:.2f} output tokens/s "
+                  f"(backend={backend}, startup {r['startup_s']:.1f} s)", flush=True)
+    finally:
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+    if len(results) > 1:
+        print_table(results)
+    base = results[0]["output_tokens_per_s"]
+    for r in results:
+        r["ratio_vs_first"] = round(r["output_tokens_per_s"] / base, 4)
+    record = dict(
+        results[0], backends=args.backends, tp=args.tp, model=args.model, load_format=args.load_format,
+        dtype=_dtype_name(args.dtype, args.device), num_prompts=args.num_prompts,
+        input_len=None if args.mixed else args.input_len,
+        output_len=None if args.mixed else args.output_len, mixed=args.mixed,
+        num_prompt_tokens=workload.num_prompt_tokens, num_output_tokens=workload.num_output_tokens,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        hf_batch_size=(args.hf_batch_size or args.num_prompts) if "hf" in args.backends else None,
+        seed=args.seed,
+        results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
+        machine=machine_info())
+    line = json.dumps(record)
+    print(line, flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(line + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

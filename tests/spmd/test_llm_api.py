@@ -1,0 +1,123 @@
+"""The offline API as vLLM users know it: text in/out, stops, logprobs, n, errors."""
+
+import math
+
+import pytest
+
+from spmd import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm(ray_cluster, tiny_chat_model):
+    llm = LLM(tiny_chat_model, tensor_parallel_size=2, max_model_len=512)
+    yield llm
+    llm.shutdown()
+
+
+def test_text_prompts_detokenize_like_the_tokenizer(llm):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(["Hello there", "The capital of France is", "1 2 3"],
+                        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for out in outs:
+        comp = out.outputs[0]
+        assert len(comp.token_ids) == 20 and comp.finish_reason == "length"
+        assert comp.text == tok.decode(comp.token_ids, skip_special_tokens=True)
+        assert out.prompt_token_ids == tok.encode(out.prompt)
+
+
+def test_stop_strings_and_stop_token_ids(llm):
+    base = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    # A stop string taken from the middle of the greedy text ends generation right before it.
+    stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    assert stop.strip(), base.text
+    cut = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                     stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == base.text[: base.text.find(stop)]
+    kept = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                      stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == base.text[: base.text.find(stop) + len(stop)]
+    tok_stop = base.token_ids[5]
+    by_id = llm.generate(["Once upon"], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                       stop_token_ids=[tok_stop]), use_tqdm=False)[0].outputs[0]
+    first = base.token_ids.index(tok_stop)
+    assert by_id.token_ids == base.token_ids[: first + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == tok_stop
+
+
+def test_logprobs_and_n(llm):
+    out = llm.generate(["Hi"], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for tok, entry in zip(out.token_ids, out.logprobs):
+        assert tok in entry and entry[tok].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        values = sorted((lp.rank, lp.logprob) for lp in entry.values())
+        assert all(a[1] >= b[1] for a, b in zip(values, values[1:]))
+    assert math.isclose(out.cumulative_logprob, sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)),
+                        rel_tol=1e-5)
+    many = llm.generate(["Hi"], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert [c.index for c in many.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in many.outputs}) > 1
+
+
+def test_eos_finishes_with_stop(llm):
+    eos = llm.get_tokenizer().eos_token_id
+    # Force EOS by making it the only allowed... instead: stop at eos when sampled; with
+    # ignore_eos the same run goes on to max_tokens.
+    outs = llm.generate(["a"] * 1, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[eos]),
+                        use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(logprobs=1000), "logprobs"),
+])
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_too_long_names_both_numbers_and_engine_keeps_serving(llm):
+    long_prompt = {"prompt_token_ids": [5] * 600}
+    with pytest.raises(ValueError, match=r"600 tokens.*max_model_len=512"):
+        llm.generate([long_prompt], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate([{"prompt_token_ids": [10**9]}], SamplingParams(max_tokens=4), use_tqdm=False)
+    # Nothing was queued or leaked; the engine still serves.
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(["still here"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) >= 1
+    pool = llm.engine.scheduler.block_pool
+    assert pool.num_free_blocks == llm.engine.num_kv_blocks
+
+
+def test_config_errors_before_any_actor(tmp_path, tiny_dir):
+    path = tiny_dir("llama")  # 4 heads, 2 kv heads
+    with pytest.raises(ValueError, match="tensor_parallel_size=3.*num_attention_heads=4"):
+        LLM(path, tensor_parallel_size=3, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "missing"), skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(path, max_model_len=10**6, skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LLM(path, tensor_paralel_size=2)
+    import json
+    import os
+    bad = tmp_path / "gpt"
+    bad.mkdir()
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["architectures"] = ["GPTBigCodeForCausalLM"]
+    cfg["model_type"] = "gpt_bigcode"
+    json.dump(cfg, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="GPTBigCodeForCausalLM"):
+        LLM(str(bad), skip_tokenizer_init=True)

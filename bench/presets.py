@@ -45,13 +45,14 @@ def is_preset(name: str) -> bool:
     return name in PRESETS
 
 
-def materialize(name: str) -> str:
-    """A temporary model directory holding only the preset's ``config.json``
-    (removed when this process exits; ranks read it while the engine starts)."""
+def materialize(name: str, **overrides) -> str:
+    """A temporary model directory holding only the preset's ``config.json``, with
+    ``overrides`` applied (removed when this process exits; ranks read it while
+    the engine starts)."""
     if name not in PRESETS:
         raise ValueError(f"model: unknown preset {name!r}; presets: {sorted(PRESETS)}")
     folder = tempfile.mkdtemp(prefix=f"preset-{name}-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(PRESETS[name], f, indent=1)
+        json.dump({**PRESETS[name], **overrides}, f, indent=1)
     return folder

@@ -101,12 +101,15 @@ def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None) -> tup
         wavelen = 2 * math.pi / inv_freq
         # Long wavelengths are scaled by 1/factor, short ones kept, the band between interpolated.
         scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled), 1.0
     raise ValueError(
-        f"rope_scaling.rope_type={rope_type!r} is not supported (supported: default, linear, llama3)"
+        f"rope_scaling.rope_type={rope_type!r} is not supported "
+        "(supported: default, linear, llama3)"
     )
 
 
@@ -214,7 +217,7 @@ def _decode_attention(
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: float) -> Tensor:
-    """Eager attention for one sequence: q [n, nh, hd], k/v [L, nkv, hd], masked [n, L] -> [n, nh, hd].
+    """Eager attention of one sequence: q [n, nh, hd], k/v [L, nkv, hd], masked [n, L].
 
     The op sequence of transformers' eager attention ((q @ k^T) * scale, mask, float32
     softmax, cast, @ v): for fp32 the output is bit-identical to it. Grouped query heads

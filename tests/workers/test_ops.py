@@ -47,7 +47,8 @@ def _randn(*shape, dtype=torch.float32, gen=None) -> torch.Tensor:
 def test_rms_norm_opcheck(dtype):
     gen = _gen()
     for tokens, hidden in [(1, 8), (5, 64), (7, 96)]:
-        args = (_randn(tokens, hidden, dtype=dtype, gen=gen), _randn(hidden, dtype=dtype, gen=gen), 1e-6)
+        x = _randn(tokens, hidden, dtype=dtype, gen=gen)
+        args = (x, _randn(hidden, dtype=dtype, gen=gen), 1e-6)
         torch.library.opcheck(torch.ops.spmd.rms_norm, args)
         residual = _randn(tokens, hidden, dtype=dtype, gen=gen)
         torch.library.opcheck(torch.ops.spmd.fused_add_rms_norm, (args[0], residual, *args[1:]))
@@ -76,7 +77,8 @@ def test_rms_norm_float64_reference(tokens, hidden, seed):
     x, weight, eps = _randn(tokens, hidden, gen=gen), _randn(hidden, gen=gen), 1e-6
     x64 = x.double()
     expected = weight.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    torch.testing.assert_close(ops.rms_norm(x, weight, eps).double(), expected, atol=1e-5, rtol=1e-5)
+    out = ops.rms_norm(x, weight, eps).double()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- MLP
@@ -100,7 +102,8 @@ def test_silu_and_mul(dtype):
 
 
 def _hf_rope(scaling_name: str, head_dim: int, base: float):
-    rope_parameters = {"rope_type": "default", **(ROPE_SCALINGS[scaling_name] or {}), "rope_theta": base}
+    rope_parameters = {"rope_type": "default", **(ROPE_SCALINGS[scaling_name] or {})}
+    rope_parameters["rope_theta"] = base
     config = LlamaConfig(
         hidden_size=4 * head_dim,
         num_attention_heads=4,
@@ -122,7 +125,7 @@ def test_rotary_matches_llama(scaling_name, dtype):
     positions[:3] = torch.tensor([0, 1, 2047])
     # q and k as the model gets them: non-contiguous column slices of one qkv projection.
     qkv = _randn(17, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
-    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k, _ = qkv.split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], dim=-1)
 
     q_out, k_out = ops.rotary_embedding(positions, q, k, cache, head_dim)
 
@@ -161,7 +164,8 @@ def test_rotary_float64_reference():
     angle = positions.double()[:, None, None] * inv_freq  # [T, 1, hd/2]
     for x, out in [(q, q_out), (k, k_out)]:
         x1, x2 = x.double().view(11, -1, head_dim).chunk(2, -1)
-        expected = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()), -1)
+        cos, sin = angle.cos(), angle.sin()
+        expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         torch.testing.assert_close(out.double(), expected.view(11, -1), atol=1e-4, rtol=1e-5)
 
 
@@ -173,33 +177,44 @@ def test_rope_scaling_rejects_unknown_type():
 # --------------------------------------------------------------------------- paged KV cache
 
 
-def _paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, pad_tokens=0):
-    """A mixed batch over a NaN-poisoned cache with shuffled blocks; also returns contiguous K/V per sequence."""
+def _paged_batch(
+    query_lens,
+    seq_lens,
+    *,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    block_size=4,
+    dtype=torch.float32,
+    seed=0,
+    pad_tokens=0,
+):
+    """Op arguments for a batch over a NaN-poisoned cache with shuffled blocks, and each
+    sequence's contiguous K/V ``[2, seq_len, nkv, hd]``."""
     gen = _gen(seed)
     blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 3
-    block_ids = torch.randperm(num_blocks, generator=gen).tolist()
-    max_blocks = max(blocks_per_seq) + 1
+    free_blocks = torch.randperm(num_blocks, generator=gen).tolist()
     # Unused table entries are out of range: the op must never read them.
-    block_tables = torch.full((len(seq_lens), max_blocks), num_blocks + 100, dtype=torch.int32)
-    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    block_tables = torch.full((len(seq_lens), max(blocks_per_seq) + 1), num_blocks + 100)
+    cache_shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    kv_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
     contexts = []
     for i, (seq_len, used) in enumerate(zip(seq_lens, blocks_per_seq)):
-        ids, block_ids = block_ids[:used], block_ids[used:]
-        block_tables[i, :used] = torch.tensor(ids, dtype=torch.int32)
+        block_ids, free_blocks = free_blocks[:used], free_blocks[used:]
+        block_tables[i, :used] = torch.tensor(block_ids)
         kv = _randn(2, seq_len, num_kv_heads, head_dim, dtype=dtype, gen=gen)
-        for p in range(seq_len):
-            kv_cache[:, ids[p // block_size], p % block_size] = kv[:, p]
+        for pos in range(seq_len):
+            kv_cache[:, block_ids[pos // block_size], pos % block_size] = kv[:, pos]
         contexts.append(kv)
-    num_tokens = sum(query_lens)
-    q = _randn(num_tokens + pad_tokens, num_heads, head_dim, dtype=dtype, gen=gen)
-    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = _randn(sum(query_lens) + pad_tokens, num_heads, head_dim, dtype=dtype, gen=gen)
+    query_start_loc = torch.tensor([0, *query_lens]).cumsum(0)
     args = (
         q,
         kv_cache,
-        block_tables,
+        block_tables.to(torch.int32),
         torch.tensor(seq_lens, dtype=torch.int32),
-        query_start_loc,
+        query_start_loc.to(torch.int32),
         max(query_lens),
         max(seq_lens),
         head_dim**-0.5,
@@ -207,25 +222,27 @@ def _paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_
     return args, contexts
 
 
-def _reference_attention(args, contexts):
+def _assert_matches_reference(out, args, contexts, tol=1e-5):
+    """Naive float64 attention per query over the contiguous K/V."""
     q, _, _, seq_lens, query_start_loc, _, _, scale = args
-    num_heads, num_kv_heads = q.shape[1], contexts[0].shape[2]
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // contexts[0].shape[2]
+    expected = torch.zeros(q.shape, dtype=torch.float64)
     for i, (k, v) in enumerate(contexts):
         start, end = query_start_loc[i].item(), query_start_loc[i + 1].item()
-        k = k.double().repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.double().repeat_interleave(num_heads // num_kv_heads, dim=1)
-        for j, t in enumerate(range(start, end)):
-            pos = seq_lens[i].item() - (end - start) + j
+        k, v = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+        for t in range(start, end):
+            pos = seq_lens[i].item() - (end - t)
             scores = torch.einsum("hd,lhd->hl", q[t].double(), k[: pos + 1]) * scale
-            out[t] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v[: pos + 1])
-    return out
+            expected[t] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v[: pos + 1])
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 @FEW
 @given(
     seqs=st.lists(
-        st.tuples(st.sampled_from(["decode", "prefill", "chunk"]), st.integers(1, 40)), min_size=1, max_size=6
+        st.tuples(st.sampled_from(["decode", "prefill", "chunk"]), st.integers(1, 40)),
+        min_size=1,
+        max_size=6,
     ),
     block_size=st.sampled_from([1, 4, 16]),
     heads=st.sampled_from([(1, 1), (4, 2), (9, 3)]),
@@ -233,56 +250,61 @@ def _reference_attention(args, contexts):
     seed=st.integers(0, 2**16),
 )
 def test_paged_attention_mixed_batch(seqs, block_size, heads, head_dim, seed):
-    query_lens, seq_lens = [], []
-    for kind, seq_len in seqs:
-        if kind == "chunk" and seq_len < 3:
-            kind = "decode"
-        seq_lens.append(seq_len)
-        query_lens.append({"decode": 1, "prefill": seq_len, "chunk": seq_len // 2}[kind])
-    args, contexts = _paged_batch(query_lens, seq_lens, *heads, head_dim, block_size, torch.float32, seed)
-    out = ops.paged_attention(*args)
-    torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=1e-5, rtol=1e-5)
+    """Decode, whole-prompt prefill and chunked prefill (the last half of a context) together."""
+    query_lens = [{"decode": 1, "prefill": n, "chunk": max(1, n // 2)}[kind] for kind, n in seqs]
+    seq_lens = [n for _, n in seqs]
+    num_heads, num_kv_heads = heads
+    args, contexts = _paged_batch(
+        query_lens,
+        seq_lens,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        seed=seed,
+    )
+    _assert_matches_reference(ops.paged_attention(*args), args, contexts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_decode_batch(dtype):
     seq_lens = [1, 5, 16, 17, 33, 64]
-    args, contexts = _paged_batch([1] * 6, seq_lens, 6, 2, 16, 16, dtype, seed=6)
+    args, contexts = _paged_batch(
+        [1] * 6, seq_lens, num_heads=6, head_dim=16, block_size=16, dtype=dtype, seed=6
+    )
     out = ops.paged_attention(*args)
     assert out.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=tol, rtol=tol)
+    _assert_matches_reference(out, args, contexts, tol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
 def test_paged_attention_zero_for_padding_tokens():
-    args, contexts = _paged_batch([1, 7, 1], [9, 7, 20], 4, 2, 8, 4, torch.float32, seed=7, pad_tokens=3)
+    args, contexts = _paged_batch([1, 7, 1], [9, 7, 20], seed=7, pad_tokens=3)
     out = ops.paged_attention(*args)
     assert torch.equal(out[-3:], torch.zeros_like(out[-3:]))
-    torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=1e-5, rtol=1e-5)
+    _assert_matches_reference(out, args, contexts)
 
 
 def test_paged_attention_chunks_long_inputs(monkeypatch):
     """Tiny chunk budget: many decode chunks and one query row per prefill chunk."""
     monkeypatch.setattr(ops, "_ATTENTION_CHUNK_BYTES", 1)
-    args, contexts = _paged_batch([1, 1, 12, 1, 5], [30, 3, 12, 50, 21], 4, 1, 8, 4, torch.float32, seed=8)
-    out = ops.paged_attention(*args)
-    torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=1e-5, rtol=1e-5)
+    args, contexts = _paged_batch([1, 1, 12, 1, 5], [30, 3, 12, 50, 21], num_kv_heads=1, seed=8)
+    _assert_matches_reference(ops.paged_attention(*args), args, contexts)
 
 
 def test_paged_attention_matches_llama_eager():
-    """The project's parity bar: transformers' fp32 eager attention (prefill exact on this CPU)."""
+    """The project's parity bar: transformers' fp32 eager attention (prefill is exact on x86)."""
     query_lens, seq_lens = [1, 40, 9, 1], [70, 40, 33, 5]
     num_heads, num_kv_heads, head_dim = 9, 3, 16
-    args, contexts = _paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, 16, torch.float32, 12)
+    args, contexts = _paged_batch(
+        query_lens, seq_lens, num_heads=9, num_kv_heads=3, head_dim=16, block_size=16, seed=12
+    )
     q, scale = args[0].mul_(3), args[-1]  # larger scores make rounding differences visible
     out = ops.paged_attention(*args)
     module = types.SimpleNamespace(num_key_value_groups=num_heads // num_kv_heads, training=False)
     start = 0
     for n, seq_len, (k, v) in zip(query_lens, seq_lens, contexts):
-        q_pos = torch.arange(seq_len - n, seq_len)
-        mask = torch.zeros(n, seq_len).masked_fill(
-            torch.arange(seq_len) > q_pos[:, None], torch.finfo(torch.float32).min
-        )
+        future = torch.arange(seq_len) > torch.arange(seq_len - n, seq_len)[:, None]
+        mask = torch.zeros(n, seq_len).masked_fill(future, torch.finfo(torch.float32).min)
         expected, _ = eager_attention_forward(
             module,
             q[None, start : start + n].transpose(1, 2),
@@ -298,8 +320,8 @@ def test_paged_attention_matches_llama_eager():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_opcheck(dtype):
     for query_lens, seq_lens in [([1, 1, 1], [3, 9, 17]), ([1, 6, 3, 1], [5, 6, 11, 2])]:
-        args, _ = _paged_batch(query_lens, seq_lens, 4, 2, 8, 4, dtype, seed=9)
-        args[1].nan_to_num_(0.0)  # opcheck compares cache inputs, and NaN != NaN
+        args, _ = _paged_batch(query_lens, seq_lens, dtype=dtype, seed=9)
+        args[1].nan_to_num_(0.0)  # opcheck compares the inputs before and after, and NaN != NaN
         torch.library.opcheck(torch.ops.spmd.paged_attention, args)
 
 
@@ -312,28 +334,27 @@ def test_write_kv_cache(dtype):
         key = _randn(len(slots), num_kv_heads, head_dim, dtype=dtype, gen=gen)
         value = _randn(len(slots), num_kv_heads, head_dim, dtype=dtype, gen=gen)
         kv_cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-        torch.library.opcheck(torch.ops.spmd.write_kv_cache, (key, value, kv_cache.clone(), slot_mapping))
+        opcheck_args = (key, value, kv_cache.clone(), slot_mapping)
+        torch.library.opcheck(torch.ops.spmd.write_kv_cache, opcheck_args)
 
         ops.write_kv_cache(key, value, kv_cache, slot_mapping)
         expected = torch.zeros_like(kv_cache)
         for t, slot in enumerate(slots):
             if slot >= 0:
-                expected[0, slot // block_size, slot % block_size] = key[t]
-                expected[1, slot // block_size, slot % block_size] = value[t]
+                expected[:, slot // block_size, slot % block_size] = torch.stack((key[t], value[t]))
         assert torch.equal(kv_cache, expected)
 
 
 def test_ops_trace_under_torch_compile():
-    """Write then attend, compiled in one graph: the fake impls and the mutation must trace."""
-    args, contexts = _paged_batch([1, 4], [6, 4], 4, 2, 8, 4, torch.float32, seed=11)
+    """Write then attend in one compiled graph: the fake impls and the in-place write trace."""
+    args, contexts = _paged_batch([1, 4], [6, 4], block_size=4, seed=11)
     q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale = args
-    # Re-write the last token of each sequence through the op (same values it already holds).
-    slot_mapping, key, value = [], [], []
-    for i, (k, v) in enumerate(contexts):
-        pos = seq_lens[i].item() - 1
-        slot_mapping.append(block_tables[i, pos // 4].item() * 4 + pos % 4)
-        key.append(k[pos])
-        value.append(v[pos])
+    # The step's tokens (the last one of each sequence) reach the cache only through the op.
+    last = [n - 1 for n in seq_lens.tolist()]
+    slots = [block_tables[i, p // 4].item() * 4 + p % 4 for i, p in enumerate(last)]
+    slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    kv_cache.view(2, -1, *kv_cache.shape[-2:])[:, slot_mapping] = float("nan")
+    key, value = (torch.stack([kv[j, p] for kv, p in zip(contexts, last)]) for j in (0, 1))
 
     def step(key, value, q, kv_cache, slot_mapping):
         ops.write_kv_cache(key, value, kv_cache, slot_mapping)
@@ -342,5 +363,4 @@ def test_ops_trace_under_torch_compile():
         )
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    out = compiled(torch.stack(key), torch.stack(value), q, kv_cache, torch.tensor(slot_mapping))
-    torch.testing.assert_close(out.double(), _reference_attention(args, contexts), atol=1e-5, rtol=1e-5)
+    _assert_matches_reference(compiled(key, value, q, kv_cache, slot_mapping), args, contexts)

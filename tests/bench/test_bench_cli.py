@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark programs: each ``main()`` runs a tiny workload and
+prints its human lines and then exactly one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tiny_models import build_tiny
+
+
+def _printed_record(capsys) -> tuple[str, dict]:
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_throughput_dag_and_hf_side_by_side(tmp_path, ray_cluster, capsys):
+    from bench import throughput
+
+    model = build_tiny(tmp_path, "llama")
+    record = throughput.main(["--model", model, "--tp", "2", "--backends", "dag,hf",
+                              "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                              "--json-out", str(tmp_path / "out.json")])
+    out, printed = _printed_record(capsys)
+    assert printed == record
+    assert json.loads((tmp_path / "out.json").read_text()) == record
+    assert out.count("Throughput: ") == 2
+    assert [r["backend"] for r in printed["results"]] == ["dag", "hf"]
+    assert printed["backend"] == "dag" and printed["tp"] == 2
+    assert printed["num_prompt_tokens"] == 24 and printed["num_output_tokens"] == 12
+    for r in printed["results"]:
+        assert r["elapsed_s"] > 0 and r["output_tokens_per_s"] > 0
+        assert r["total_tokens_per_s"] == pytest.approx(3 * r["output_tokens_per_s"], rel=0.01)
+    assert printed["results"][0]["ratio_vs_first"] == 1.0
+    assert printed["machine"]["cpu_count"] >= 1
+
+
+@pytest.mark.slow
+def test_throughput_mixed_on_a_preset_in_process(capsys):
+    from bench import throughput
+
+    record = throughput.main(["--model", "tiny", "--load-format", "dummy", "--backend", "inproc",
+                              "--num-prompts", "2", "--mixed", "--seed", "1"])
+    _, printed = _printed_record(capsys)
+    assert printed["mixed"] is True and printed["input_len"] is None
+    assert 2 * 16 <= printed["num_output_tokens"] <= 2 * 256
+    again = throughput.make_workload(throughput.parse_args(
+        ["--model", "tiny", "--load-format", "dummy", "--num-prompts", "2", "--mixed", "--seed", "1"]), 1024)
+    assert again.num_output_tokens == record["num_output_tokens"]  # seeded
+
+
+def test_throughput_rejects_a_preset_without_dummy_weights():
+    from bench import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--model", "llama2-7b"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--model", "tiny", "--load-format", "dummy", "--tp", "2",
+                               "--backends", "dag,inproc"])
+
+
+@pytest.mark.slow
+def test_step_overhead_delta_full_and_engine(tmp_path, ray_cluster, capsys):
+    from bench import step_overhead
+
+    png = tmp_path / "overhead.png"
+    record = step_overhead.main(["--tp", "2", "--batch-sizes", "1,4", "--context", "40",
+                                 "--steps", "5", "--warmup", "1", "--backends", "dag,inproc",
+                                 "--plot", str(png)])
+    out, printed = _printed_record(capsys)
+    assert printed == record
+    assert "full/delta" in out and png.stat().st_size > 0
+    rows = {(r["backend"], r["batch_size"]): r for r in printed["results"]}
+    assert set(rows) == {("dag", 1), ("dag", 4), ("inproc", 1), ("inproc", 4)}
+    assert rows["inproc", 4]["tp"] == 1 and rows["dag", 4]["tp"] == 2
+    for r in rows.values():
+        assert r["delta"]["step_us"]["median"] > 0
+        # the delta never carries the 40-token histories; the full re-send does
+        assert r["delta"]["bytes"] < 40 * 4 < r["full"]["bytes"] / r["batch_size"]
+    assert [r["batch_size"] for r in printed["engine"]] == [1, 4]

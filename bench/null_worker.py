@@ -108,9 +108,10 @@ class NullWorker(Worker):
         positions = num_tokens - 1
         size = self.config.block_size
         rows = np.arange(n)
-        slot_mapping = block_tables[rows, positions // size].astype(np.int64) * size + positions % size
         input_ids = tokens[rows, positions]
-        assert len(slot_mapping) == n
+        # the slots a forward pass would write (built to count the work; no model reads them)
+        self.last_slot_mapping = (block_tables[rows, positions // size].astype(np.int64) * size
+                                  + positions % size)
         seq_ids = pack_i32([req.seq_id for req in msg.requests])
         return SamplerOutput(step_id=msg.step_id, seq_ids=seq_ids, token_ids=input_ids.tobytes(),
                              rank_time_s=time.perf_counter() - t0)

@@ -173,8 +173,9 @@ def measure_engine(args) -> list[dict]:
     rows = []
     budget = max(2048, args.context)
     for batch_size in args.batch_sizes:
-        # Requests admitted first decode while later ones prefill: room for those steps too.
-        max_len = args.context + -(-batch_size * args.context // budget) + args.warmup + args.steps + 16
+        # Requests admitted first decode while later ones prefill (the decodes eat into the
+        # token budget, so prefill takes more than B * context / budget steps): room for those.
+        max_len = args.context + 2 * -(-batch_size * args.context // budget) + args.warmup + args.steps + 16
         engine = Engine(EngineConfig.from_kwargs(
             model=materialize("tiny", max_position_embeddings=max_len), load_format="dummy",
             backend="inproc", skip_tokenizer_init=True, max_model_len=max_len,
@@ -257,6 +258,8 @@ def plot(rows: list[dict], path: str, context: int) -> None:
             ax.plot(sizes, [r["full"]["step_us"]["median"] for r in mine], "s--", color=line.get_color(),
                     label=f"{backend} full re-send")
     ax.set_xscale("log", base=2)
+    sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_yscale("log")
     ax.set_xlabel("batch size (decoding requests)")
     ax.set_ylabel("µs per step (median)")

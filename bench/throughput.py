@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--num-threads-per-rank", type=int, default=0,
+                   help="torch threads per rank (0: the engine's default, cores / tp); "
+                        "hf runs with this times --tp")
     p.add_argument("--disable-detokenize", action="store_true",
                    help="do not detokenize outputs (they are always detokenized when the model has a tokenizer)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="hf backend: prompts per generate call; 0: all")
@@ -140,7 +143,8 @@ def run_engine(backend: str, model_path: str, workload: Workload, args) -> Resul
     llm = LLM(model_path, tensor_parallel_size=args.tp, backend=backend, load_format=args.load_format,
               dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              seed=args.seed, skip_tokenizer_init=not _has_tokenizer(model_path))
+              seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
+              skip_tokenizer_init=not _has_tokenizer(model_path))
     try:
         startup_s = time.perf_counter() - t0
         params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
@@ -168,6 +172,8 @@ def run_hf(model_path: str, workload: Workload, args) -> Result:
     from workers.model_loader import load_hf_config, resolve_model_path
 
     t0 = time.perf_counter()
+    if args.num_threads_per_rank:
+        torch.set_num_threads(args.num_threads_per_rank * args.tp)
     dtype = getattr(torch, _dtype_name(args.dtype, args.device))
     if args.load_format == "dummy":
         torch.manual_seed(args.seed)
@@ -321,6 +327,7 @@ def main(argv=None) -> dict:
         output_len=None if args.mixed else args.output_len, mixed=args.mixed,
         num_prompt_tokens=workload.num_prompt_tokens, num_output_tokens=workload.num_output_tokens,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads_per_rank=args.num_threads_per_rank or None,
         hf_batch_size=(args.hf_batch_size or args.num_prompts) if "hf" in args.backends else None,
         seed=args.seed,
         results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),

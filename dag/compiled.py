@@ -4,12 +4,13 @@ pushes each step's bytes to every rank at once."""
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
 from dag.errors import RankFailure, TransportClosed
-from dag.ranks import RankGroup, _cause
+from dag.ranks import PARK, RankGroup, _cause
 from dag.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,28 @@ class CompiledGraphTransport(Transport):
             group.shutdown()
             raise
         self._closed = False
+        self._parked = None  # refs of the park call, while the ranks sleep
 
-    def _run(self, data: bytes) -> list:
+    def park(self) -> None:
+        if self._parked is None and not self._closed:
+            self._parked = self.graph.execute(PARK)
+
+    def _unpark(self) -> None:
+        refs, self._parked = self._parked, None
+        self.group.wake_all(self.step_timeout_s)
+        ray.get(refs, timeout=self.step_timeout_s)
+
+    def _run(self, data: bytes, expected_s: float = 0.0) -> list:
         if self._closed:
             raise TransportClosed("the compiled graph was shut down or failed earlier")
         try:
+            if self._parked is not None:
+                self._unpark()
             refs = self.graph.execute(data)
+            if expected_s > 0:
+                # ray.get spins on the channel; sleeping through most of the step
+                # leaves the cores to the ranks.
+                time.sleep(expected_s)
             return ray.get(refs, timeout=self.step_timeout_s)
         except ray.exceptions.RayTaskError as e:
             # An exception a rank raised (its message names the rank); the graph lives on.
@@ -53,8 +70,8 @@ class CompiledGraphTransport(Transport):
             raise RankFailure(f"rank(s) {dead or stuck} failed: {type(e).__name__}: {_cause(e)}",
                               dead or stuck, fatal=True) from None
 
-    def step(self, data: bytes) -> bytes:
-        return self._run(data)[0]
+    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
+        return self._run(data, expected_s)[0]
 
     def call_all(self, data: bytes) -> list[bytes]:
         return self._run(data)
@@ -70,6 +87,8 @@ class CompiledGraphTransport(Transport):
             return
         self._closed = True
         try:
+            if self._parked is not None:
+                self._unpark()
             self.graph.teardown()
         except Exception as e:  # a rank already gone: nothing left to hand back
             logger.debug("compiled graph teardown: %s", e)

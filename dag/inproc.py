@@ -22,7 +22,7 @@ class InProcTransport(Transport):
         except Exception as e:
             raise RankFailure(str(e), [0], fatal=False) from None
 
-    def step(self, data: bytes) -> bytes:
+    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
         return self._run(data)
 
     def call_all(self, data: bytes) -> list[bytes]:

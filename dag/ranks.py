@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import msgspec
@@ -16,6 +17,8 @@ from serialization import RankConfig
 
 logger = logging.getLogger(__name__)
 
+PARK = b"\x00park"  # transport-level: not a serialization message (those are msgpack arrays)
+
 
 @ray.remote(concurrency_groups={"ctl": 1})
 class RankActor:
@@ -26,8 +29,15 @@ class RankActor:
         self.worker = worker_factory(config, tp_rank)
         self.started = 0
         self.finished = 0
+        self._wake = threading.Event()
 
     def execute_model(self, data: bytes) -> bytes | None:
+        if data == PARK:
+            # A graph's channel read spins while it waits for input; an idle rank
+            # sleeps here instead, until the engine wakes it through the ctl thread.
+            self._wake.wait()
+            self._wake.clear()
+            return None
         self.started += 1
         try:
             return self.worker.execute_model(data)
@@ -37,6 +47,10 @@ class RankActor:
     @ray.method(concurrency_group="ctl")
     def progress(self) -> tuple[int, int]:
         return self.started, self.finished
+
+    @ray.method(concurrency_group="ctl")
+    def wake(self) -> None:
+        self._wake.set()
 
 
 class RankGroup:
@@ -105,6 +119,9 @@ class RankGroup:
             except ray.exceptions.RayError:
                 dead.append(rank)
         return stuck, dead
+
+    def wake_all(self, timeout_s: float) -> None:
+        ray.get([a.wake.remote() for a in self.actors], timeout=timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.actors:

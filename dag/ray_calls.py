@@ -42,7 +42,7 @@ class RayCallTransport(Transport):
                                   [rank], fatal=True) from None
         return out
 
-    def step(self, data: bytes) -> bytes:
+    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
         return self._run(data)[0]
 
     def call_all(self, data: bytes) -> list[bytes]:

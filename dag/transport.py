@@ -16,12 +16,17 @@ class Transport(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def step(self, data: bytes) -> bytes:
-        """Runs one step on all ranks; returns rank 0's answer."""
+    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
+        """Runs one step on all ranks; returns rank 0's answer. ``expected_s`` is
+        the engine's guess of the step's duration (a transport may sleep through
+        most of it rather than spin)."""
 
     @abc.abstractmethod
     def call_all(self, data: bytes) -> list[bytes]:
         """Broadcasts one call; returns every rank's answer, rank order."""
+
+    def park(self) -> None:
+        """The engine has nothing to do: let the ranks sleep until the next call."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -86,7 +86,8 @@ class AsyncEngine:
     def stats(self) -> dict:
         sched = self.engine.scheduler
         return dict(num_running=sched.num_running, num_waiting=sched.num_waiting,
-                    kv_usage=sched.kv_usage, num_kv_blocks=self.engine.num_kv_blocks)
+                    kv_usage=sched.kv_usage, num_kv_blocks=self.engine.num_kv_blocks,
+                    num_free_blocks=sched.block_pool.num_free_blocks)
 
     def _add(self, request_id, prompt, params) -> None:
         with self._lock:
@@ -113,6 +114,8 @@ class AsyncEngine:
                     for out in outputs:
                         self._deliver(out)
             if not busy:
+                with self._lock:
+                    self.engine.park()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
 

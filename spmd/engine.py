@@ -74,6 +74,7 @@ class Engine:
         self._next_seq_id = 0
         self._step_id = 0
         self.last_step_stats: dict = {}
+        self._last_rank_step = (0.0, 0)
         self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0)
         self._closed = False
 
@@ -130,8 +131,10 @@ class Engine:
             return []
         data = encode(to_message(sched))
         t_send = time.perf_counter()
-        out = decode_output(self.transport.step(data))
+        expected_s = self._expected_step_s(sched.total_num_scheduled_tokens)
+        out = decode_output(self.transport.step(data, expected_s))
         t_back = time.perf_counter()
+        self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
         tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
         updated = self.scheduler.update_from_output(sched, dict(zip(seq_ids, tokens)))
@@ -147,6 +150,19 @@ class Engine:
             message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,
             rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
         return results
+
+    def _expected_step_s(self, num_tokens: int) -> float:
+        """A cautious guess of the step's duration from the last one (rank-measured,
+        so an early wake-up never feeds back into the guess)."""
+        last_s, last_tokens = self._last_rank_step
+        if last_s < 2e-3 or last_tokens == 0:
+            return 0.0
+        return 0.8 * last_s * min(2.0, max(0.5, num_tokens / last_tokens))
+
+    def park(self) -> None:
+        """Nothing to run: the ranks sleep (instead of spinning on their channel)
+        until the next step or call."""
+        self.transport.park()
 
     # ---- rank-state calls (broadcast to every rank) -----------------------------------
 

@@ -63,6 +63,7 @@ class LLM:
                         generated += sum(len(c.token_ids) for c in out.outputs)
                         bar.set_postfix_str(f"{generated} tokens", refresh=False)
             self.engine.step()  # flush finished ids to the ranks
+            self.engine.park()
         except BaseException:
             for request_id in ids:
                 self.engine.abort_request(request_id)

@@ -1,0 +1,304 @@
+"""The OpenAI-compatible server: a Ray Serve deployment with a FastAPI ingress.
+One replica owns one ``AsyncEngine``, hence one TP group (the engine's own
+placement group); replicas add data parallelism."""
+
+# No "from __future__ import annotations": FastAPI must see the real Request type
+# of the routes after Serve rewrites them into class-based views.
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from serve_app.errors import APIError, bad_schema, bad_value, install_handlers
+from serve_app.metrics import ServerMetrics
+from serve_app.options import ServerOptions, parse_args
+from serve_app.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+)
+from serve_app.streams import Deltas, EngineStreams, sse, usage
+from spmd import AsyncEngine, RequestOutput, SamplingParams
+from spmd.async_engine import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT_S = 20.0
+
+fastapi_app = FastAPI(title="spmd-serve", docs_url=None, redoc_url=None)
+install_handlers(fastapi_app)
+
+
+def _sampling_params(req) -> SamplingParams:
+    try:
+        return req.sampling_params()
+    except ValueError as e:
+        raise bad_value(e) from None
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+# serve.ingress pickles a copy of the FastAPI app, route methods and all, when it
+# decorates the class: whatever they use must be defined above. The name stays bound to
+# the class (serve.deployment is applied in deploy()), so that Ray pickles it by
+# reference and replicas import this module.
+@serve.ingress(fastapi_app)
+class LLMServer:
+    def __init__(self, engine_kwargs: dict, options: ServerOptions):
+        self.engine = AsyncEngine(**engine_kwargs)
+        self.options = options
+        self.model_name = options.served_model_name
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+
+    # ---- routes ---------------------------------------------------------------------
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        return await self._handle("/v1/models", request, self._models)
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle("/v1/completions", request, self._completions)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle("/v1/chat/completions", request, self._chat)
+
+    @fastapi_app.get("/health")
+    async def health(self):
+        await self.check_health()
+        return Response(status_code=200)
+
+    @fastapi_app.get("/metrics")
+    async def metrics(self):
+        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+
+    async def check_health(self) -> None:
+        """Every rank answers a broadcast ping (also Serve's replica health check)."""
+        try:
+            await asyncio.wait_for(self.engine.call_all("ping"), timeout=_HEALTH_TIMEOUT_S)
+        except Exception as e:
+            raise APIError(503, f"engine unhealthy: {type(e).__name__}: {e}") from None
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # ---- handlers -------------------------------------------------------------------
+
+    async def _handle(self, endpoint: str, request: Request, handler: Callable) -> Response:
+        """Auth, error bodies and the request counter, around one endpoint."""
+        status = 500
+        try:
+            self._authorize(request)
+            response = await handler(request)
+            status = response.status_code
+            return response
+        except APIError as e:
+            status = e.status
+            return e.response()
+        except EngineDeadError as e:
+            status = 503
+            return APIError(503, str(e)).response()
+        except asyncio.CancelledError:
+            status = 499  # the client closed the connection
+            raise
+        except Exception as e:
+            logger.exception("%s failed", endpoint)
+            return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def _models(self, request: Request) -> Response:
+        card = ModelCard(id=self.model_name, created=self.created,
+                         max_model_len=self.engine.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    async def _completions(self, request: Request) -> Response:
+        req = self._parse(CompletionRequest, await self._read_json(request))
+        params = _sampling_params(req)
+        if req.echo and self.engine.tokenizer is None:
+            raise APIError(400, "echo: needs a tokenizer (the server runs with "
+                           "skip_tokenizer_init)", param="echo")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = await EngineStreams.start(self.engine, self.metrics, request_id, req.prompts(),
+                                            params)
+        echo = [self._prompt_text(out) if req.echo else "" for out in streams.firsts]
+        head = dict(id=request_id, created=int(time.time()), model=self.model_name)
+        if req.stream:
+            return sse(self._completion_chunks(req, head, streams, params, echo))
+        finals = await streams.finals()
+        choices = [CompletionChoice(
+            index=i * params.n + c.index, text=echo[i] + c.text,
+            logprobs=None if req.logprobs is None else CompletionLogprobs.build(
+                c.token_ids, c.logprobs, len(echo[i])),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, out in enumerate(finals) for c in out.outputs]
+        return _json(CompletionResponse(**head, choices=choices, usage=usage(finals)))
+
+    async def _completion_chunks(self, req: CompletionRequest, head: dict, streams: EngineStreams,
+                                 params: SamplingParams, echo: list[str]):
+        deltas = Deltas(params, len(streams.gens))
+        offsets: dict[int, int] = {}  # choice index -> characters before its next token
+        async for i, out in streams.outputs():
+            for d in deltas.of(i, out):
+                text = echo[i] + d.text if d.first else d.text
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = CompletionLogprobs.build(d.token_ids, d.logprobs,
+                                                        offsets.get(d.index, len(echo[i])))
+                    offsets[d.index] = (offsets.get(d.index, len(echo[i]))
+                                        + sum(map(len, logprobs.tokens)))
+                yield CompletionResponse(**head, choices=[CompletionChoice(
+                    index=d.index, text=text, logprobs=logprobs, finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason)])
+        if req.include_usage:
+            yield CompletionResponse(**head, choices=[], usage=usage(deltas.finals))
+
+    async def _chat(self, request: Request) -> Response:
+        req = self._parse(ChatCompletionRequest, await self._read_json(request))
+        params = _sampling_params(req)
+        prompt = self._render_chat(req)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await EngineStreams.start(self.engine, self.metrics, request_id, [prompt],
+                                            params)
+        head = dict(id=request_id, created=int(time.time()), model=self.model_name)
+        top_n = req.top_logprobs or 0
+        if req.stream:
+            return sse(self._chat_chunks(req, head, streams, params, top_n))
+        out = (await streams.finals())[0]
+        choices = [ChatChoice(
+            index=c.index, message=ChatMessageOut(content=c.text),
+            logprobs=ChatLogprobs.build(c.token_ids, c.logprobs, top_n) if req.logprobs else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+        return _json(ChatCompletionResponse(**head, choices=choices, usage=usage([out])))
+
+    async def _chat_chunks(self, req: ChatCompletionRequest, head: dict, streams: EngineStreams,
+                           params: SamplingParams, top_n: int):
+        deltas = Deltas(params, 1)
+        async for i, out in streams.outputs():
+            for d in deltas.of(i, out):
+                if d.first:
+                    yield ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+                        index=d.index, delta=DeltaMessage(role="assistant", content=""))])
+                logprobs = (ChatLogprobs.build(d.token_ids, d.logprobs, top_n)
+                            if req.logprobs else None)
+                yield ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+                    index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
+                    finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+        if req.include_usage:
+            yield ChatCompletionChunk(**head, choices=[], usage=usage(deltas.finals))
+
+    # ---- request helpers ------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        key = self.options.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                  key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def _read_json(self, request: Request) -> dict:
+        limit = self.options.max_body_bytes
+        too_large = APIError(413, f"request body: larger than the limit of {limit} bytes "
+                             "(max_body_bytes)", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise APIError(400, f"request body: invalid JSON ({e})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body: must be a JSON object")
+        return data
+
+    def _parse(self, model: type[BaseModel], data: dict):
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            raise bad_schema(e) from None
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"model: {req.model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+        return req
+
+    def _render_chat(self, req: ChatCompletionRequest) -> dict:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(400, "messages: chat needs a tokenizer (the server runs with "
+                           "skip_tokenizer_init)", param="messages")
+        try:
+            messages = [m.for_template() for m in req.messages]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as e:  # a template that rejects the conversation (roles, order, ...)
+            raise APIError(400, f"messages: cannot render the chat template: {e}",
+                           param="messages") from None
+        # The template already holds the special tokens; vLLM tokenizes chat the same way.
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.engine.tokenizer.decode(
+            out.prompt_token_ids)
+
+
+def deploy(args: dict) -> Application:
+    """Ray Serve application builder: ``serve run serve_app:deploy model=... tp=2``.
+
+    Arguments are engine options with vLLM's names (``tp`` is short for
+    ``tensor_parallel_size``) and server options (``ServerOptions``); an unknown or
+    malformed one is a ``ValueError`` naming it, raised here, before anything starts.
+    """
+    engine_kwargs, options = parse_args(dict(args or {}))
+    if options.host is not None or options.port is not None:
+        # Serve's HTTP options belong to Serve, not to an app: this starts Serve with them
+        # unless it runs already (a config file's http_options then apply).
+        http = {k: v for k, v in (("host", options.host), ("port", options.port)) if v is not None}
+        serve.start(http_options=http)
+    deployment = dict(ray_actor_options={"num_cpus": options.replica_num_cpus},
+                      max_ongoing_requests=options.max_ongoing_requests)
+    if options.autoscaling_config is not None:
+        deployment["autoscaling_config"] = options.autoscaling_config
+    else:
+        deployment["num_replicas"] = options.num_replicas
+    try:
+        server = serve.deployment(LLMServer, **deployment)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"autoscaling_config: {e}") from None
+    return server.bind(engine_kwargs, options)

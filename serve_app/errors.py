@@ -1,0 +1,64 @@
+"""OpenAI-style error bodies: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    """A request the server refuses; becomes an error body with ``status``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_value(err: ValueError) -> APIError:
+    """A 400 from the engine's or ``SamplingParams``' ``ValueError`` ("field: limit")."""
+    message = str(err)
+    field, sep, _ = message.partition(":")
+    param = field if sep and field.isidentifier() else None
+    return APIError(400, message, param=param)
+
+
+def bad_schema(err: ValidationError | RequestValidationError) -> APIError:
+    """A 400 (not FastAPI's 422) for a body of the wrong shape or types."""
+    errors = err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    message = f"{loc}: {first['msg']}" if loc else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more errors)"
+    return APIError(400, message, param=str(first["loc"][0]) if first["loc"] else None)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error the app or Starlette raises leaves in the OpenAI shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return APIError(err.status_code, str(err.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return bad_schema(err).response()

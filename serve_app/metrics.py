@@ -1,0 +1,84 @@
+"""Prometheus metrics of one replica (its own registry), served at ``GET /metrics``."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from spmd import RequestOutput
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                      120.0)
+_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                    0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("spmd_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("spmd_prompt_tokens", "Prompt tokens of finished or aborted "
+                                     "requests", registry=r)
+        self.generation_tokens = Counter("spmd_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("spmd_time_to_first_token_seconds", "Request arrival to its first "
+                              "token", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.tpot = Histogram("spmd_time_per_output_token_seconds", "Inter-token latency: (last "
+                              "token - first token) / (tokens - 1), per request",
+                              buckets=_TOKEN_BUCKETS_S, registry=r)
+        self.e2e = Histogram("spmd_e2e_request_latency_seconds", "Request arrival to its last "
+                             "token", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.running = Gauge("spmd_num_requests_running", "Requests in the running batch",
+                             registry=r)
+        self.waiting = Gauge("spmd_num_requests_waiting", "Requests waiting to be scheduled",
+                             registry=r)
+        self.kv_usage = Gauge("spmd_kv_cache_usage_perc", "Fraction of KV-cache blocks in use "
+                              "(0 to 1)", registry=r)
+        self.kv_free_blocks = Gauge("spmd_kv_cache_free_blocks", "KV-cache blocks free to "
+                                    "allocate (cached-but-unreferenced included)", registry=r)
+        self.kv_blocks = Gauge("spmd_kv_cache_blocks", "KV-cache blocks in all", registry=r)
+
+    def render(self, stats: dict) -> bytes:
+        """Prometheus text, with the gauges read from ``AsyncEngine.stats()`` now."""
+        self.running.set(stats["num_running"])
+        self.waiting.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        self.kv_free_blocks.set(stats["num_free_blocks"])
+        self.kv_blocks.set(stats["num_kv_blocks"])
+        return generate_latest(self.registry)
+
+    def timer(self, start: float) -> RequestTimer:
+        return RequestTimer(self, start)
+
+
+class RequestTimer:
+    """Latencies and token counts of one engine request, from the outputs it streams."""
+
+    def __init__(self, metrics: ServerMetrics, start: float):
+        self.metrics = metrics
+        self.start = start  # time.perf_counter() when the HTTP request arrived
+        self.first_token_at: float | None = None
+        self.last: RequestOutput | None = None
+
+    def observe(self, out: RequestOutput) -> None:
+        if self.first_token_at is None and any(c.token_ids for c in out.outputs):
+            self.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(self.first_token_at - self.start)
+        self.last = out
+
+    def done(self) -> None:
+        """Called once, finished or not; latencies count only for finished requests."""
+        out = self.last
+        if out is None:
+            return
+        m = self.metrics
+        m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
+        if not out.finished:
+            return
+        now = time.perf_counter()
+        m.e2e.observe(now - self.start)
+        longest = max(len(c.token_ids) for c in out.outputs)
+        if self.first_token_at is not None and longest > 1:
+            m.tpot.observe((now - self.first_token_at) / (longest - 1))

@@ -1,0 +1,264 @@
+"""Request and response bodies of the OpenAI API (the subset we serve), and the
+translations between them and the engine's ``SamplingParams`` / log-probs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from spmd import Logprob, SamplingParams
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class _Request(BaseModel):
+    # strict: "5" is not an int, true is not a number. Unknown fields are ignored (as vLLM does).
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields both endpoints share; vLLM's extras (top_k, min_p, ...) included."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """Raises ``SamplingParams``' ``ValueError`` (naming the field) for out-of-range values."""
+        given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                     min_p=self.min_p, presence_penalty=self.presence_penalty,
+                     frequency_penalty=self.frequency_penalty,
+                     repetition_penalty=self.repetition_penalty)
+        return SamplingParams(
+            n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            stop=self.stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            **{k: v for k, v in given.items() if v is not None})
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        def token_ids(x):
+            return isinstance(x, list) and x and all(type(t) is int for t in x)
+
+        ok = (isinstance(v, str) or token_ids(v)
+              or (isinstance(v, list) and v and all(isinstance(p, str) or token_ids(p) for p in v)))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a non-empty list of token ids "
+                             "or a list of token-id lists")
+        return v
+
+    def prompts(self) -> list[str | dict]:
+        """One engine prompt per entry: text, or ``{"prompt_token_ids": [...]}``."""
+        p = self.prompt
+        if isinstance(p, str) or type(p[0]) is int:
+            p = [p]
+        return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling_params(self.max_tokens, self.logprobs)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, ...) reach the chat template.
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def for_template(self) -> dict:
+        msg = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            if any(part.type != "text" for part in self.content):
+                raise ValueError("messages: only text content parts are supported")
+            msg["content"] = "\n".join(part.text or "" for part in self.content)
+        return msg
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = (self.max_tokens if self.max_completion_tokens is None
+                      else self.max_completion_tokens)
+        return self._sampling_params(max_tokens, logprobs)
+
+
+# ---- responses ---------------------------------------------------------------------
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def build(cls, token_ids: list[int], entries: list[dict[int, Logprob]], offset: int):
+        """``offset``: characters of text before the first of these tokens."""
+        out = cls(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for tid, entry in zip(token_ids, entries):
+            token = entry[tid].decoded_token or ""
+            out.tokens.append(token)
+            out.token_logprobs.append(max(entry[tid].logprob, _MIN_LOGPROB))
+            out.top_logprobs.append({(lp.decoded_token or ""): max(lp.logprob, _MIN_LOGPROB)
+                                     for lp in _by_rank(entry)})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, or one streamed chunk of one (same shape)."""
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+    @classmethod
+    def build(cls, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int):
+        def one(lp: Logprob) -> dict:
+            token = lp.decoded_token or ""
+            return dict(token=token, logprob=max(lp.logprob, _MIN_LOGPROB),
+                        bytes=list(token.encode("utf-8")))
+
+        return cls(content=[
+            ChatLogprob(**one(entry[tid]),
+                        top_logprobs=[TopLogprob(**one(lp)) for lp in _by_rank(entry)[:top_n]])
+            for tid, entry in zip(token_ids, entries)])
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "spmd-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _by_rank(entry: dict[int, Logprob]) -> list[Logprob]:
+    """The top-n alternatives in rank order (the sampled token too when it ranks)."""
+    return sorted((lp for lp in entry.values() if lp.rank is not None), key=lambda lp: lp.rank)

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Synchronous core shared by ``LLM`` (offline) and ``AsyncEngine`` (online)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, stream_outputs: bool = True):
         self.config = config
         model_path = resolve_model(config.model.model)
         self.hf_config = load_hf_config(model_path)
@@ -69,7 +69,7 @@ class Engine:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_prefix_caching=config.cache.enable_prefix_caching)
-        self.outputs = OutputProcessor(self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, stream=stream_outputs)
         self._rng = random.Random(config.model.seed)
         self._next_seq_id = 0
         self._step_id = 0

@@ -22,7 +22,8 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
-        self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs))
+        # Offline: outputs only when requests finish; text decoded once at the end.
+        self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs), stream_outputs=False)
         self._ids = itertools.count()
         atexit.register(self.shutdown)
 

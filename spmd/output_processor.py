@@ -36,8 +36,13 @@ class _Tracked:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    """``stream=True`` (online) reports every request that advanced, with its text
+    so far; ``stream=False`` (offline) reports finished requests only and
+    detokenizes incrementally just the requests with stop strings."""
+
+    def __init__(self, tokenizer, stream: bool = True):
         self.tokenizer = tokenizer
+        self.stream = stream
         self._by_request: dict[str, _Tracked] = {}
         self._by_seq: dict[int, tuple[_Tracked, int]] = {}
 
@@ -67,7 +72,8 @@ class OutputProcessor:
             tracked, i = self._by_seq[req.seq_id]
             touched[tracked.request_id] = tracked
             tracked.first_token_time = tracked.first_token_time or now
-            if tracked.detok[i] is not None:
+            det = tracked.detok[i]
+            if det is not None and (self.stream or det.stop):
                 detok_updates.append((tracked.detok[i], [req.output_token_ids[-1]]))
                 detok_owner.append((tracked, i, req))
         if detok_updates:
@@ -88,10 +94,23 @@ class OutputProcessor:
                         comp.stop_reason = last if last in child.stop_token_ids else None
                 else:
                     finished = False
-            results.append(self._output(tracked, finished, now))
             if finished:
+                self._final_text(tracked)
                 self._forget(tracked)
+            if finished or self.stream:
+                results.append(self._output(tracked, finished, now))
         return results
+
+    def _final_text(self, tracked: _Tracked) -> None:
+        """Decodes, once, the completions that were not detokenized step by step."""
+        for comp, det in zip(tracked.completions, tracked.detok):
+            if det is None or self.stream or det.stop:
+                continue
+            context = det.tokens[: det.read]  # the prompt's tail: keeps the first token's leading space
+            texts = self.tokenizer.batch_decode([context, context + list(comp.token_ids)],
+                                                skip_special_tokens=det.skip_special,
+                                                clean_up_tokenization_spaces=False)
+            comp.text = texts[1][len(texts[0]):]
 
     def _output(self, tracked: _Tracked, finished: bool, now: float) -> RequestOutput:
         metrics = dict(arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time)

@@ -339,13 +339,14 @@ def test_metrics_parse_and_move(client, http):
         assert (gauge, ()) in after
 
 
-def _wait_idle(http, free_blocks: float, timeout_s: float = 60) -> dict:
+def _wait_idle(http, free_blocks: float, until=lambda m: True, timeout_s: float = 60) -> dict:
+    """Metrics once no request runs or waits and ``free_blocks`` are free (and ``until``)."""
     deadline = time.monotonic() + timeout_s
     while True:
         m = _metrics(http)
         idle = (m[("spmd_num_requests_running", ())] == 0 and
                 m[("spmd_num_requests_waiting", ())] == 0 and
-                m[("spmd_kv_cache_free_blocks", ())] == free_blocks)
+                m[("spmd_kv_cache_free_blocks", ())] == free_blocks and until(m))
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
@@ -389,13 +390,13 @@ def test_dropped_non_streaming_request_aborts(base_url, http):
                    headers={"Authorization": f"Bearer {API_KEY}"},
                    json={"model": MODEL, "prompt": "Wait for me", "max_tokens": 500,
                          "ignore_eos": True})
-    after = _wait_idle(http, free)
+    cancelled = ("spmd_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))
+    after = _wait_idle(http, free, until=lambda m: m.get(cancelled, 0) > before.get(cancelled, 0))
+    assert after.get(cancelled, 0) == before.get(cancelled, 0) + 1
     assert after[("spmd_kv_cache_free_blocks", ())] == free
     generated = (after[("spmd_generation_tokens_total", ())]
                  - before[("spmd_generation_tokens_total", ())])
     assert generated < 500
-    cancelled = ("spmd_requests_total", (("endpoint", "/v1/completions"), ("status", "499")))
-    assert after.get(cancelled, 0) == before.get(cancelled, 0) + 1
 
 
 def test_sse_error_body_shape_is_json(http):

@@ -189,7 +189,7 @@ def _paged_batch(
     seed=0,
     pad_tokens=0,
 ):
-    """Op arguments for a batch over a NaN-poisoned cache with shuffled blocks, and each
+    """Op arguments for a batch over a garbage-filled cache with shuffled blocks, and each
     sequence's contiguous K/V ``[2, seq_len, nkv, hd]``."""
     gen = _gen(seed)
     blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
@@ -198,7 +198,9 @@ def _paged_batch(
     # Unused table entries are out of range: the op must never read them.
     block_tables = torch.full((len(seq_lens), max(blocks_per_seq) + 1), num_blocks + 100)
     cache_shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    kv_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    # Unwritten slots hold large finite garbage (the worker zero-fills its cache, so never
+    # NaN): any leak past the length mask shows up in the output.
+    kv_cache = torch.full(cache_shape, 1e4, dtype=dtype)
     contexts = []
     for i, (seq_len, used) in enumerate(zip(seq_lens, blocks_per_seq)):
         block_ids, free_blocks = free_blocks[:used], free_blocks[used:]

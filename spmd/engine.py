@@ -152,12 +152,14 @@ class Engine:
         return results
 
     def _expected_step_s(self, num_tokens: int) -> float:
-        """A cautious guess of the step's duration from the last one (rank-measured,
-        so an early wake-up never feeds back into the guess)."""
+        """A cautious guess of the step's duration: the last step's rank-measured time
+        (so a late wake-up never feeds back into the guess), scaled down, never up,
+        by the token count, since step time grows sublinearly with tokens. Sleeping
+        through it matters on small hosts: the graph channel's wait spins a core."""
         last_s, last_tokens = self._last_rank_step
         if last_s < 2e-3 or last_tokens == 0:
             return 0.0
-        return 0.8 * last_s * min(2.0, max(0.5, num_tokens / last_tokens))
+        return 0.97 * last_s * min(1.0, num_tokens / last_tokens)
 
     def park(self) -> None:
         """Nothing to run: the ranks sleep (instead of spinning on their channel)

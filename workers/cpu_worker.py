@@ -21,12 +21,17 @@ class CPUMixin:
 
     def init_device(self) -> None:
         cfg = self.config
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+        self.init_thread()
         if cfg.tp_size > 1:
             dist.init_process_group(
                 "gloo", init_method=cfg.dist_init_method, rank=self.tp_rank,
                 world_size=cfg.tp_size, timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+
+    def init_thread(self) -> None:
+        # OpenMP's thread count is per calling thread (and Ray exports OMP_NUM_THREADS=1
+        # to actors with fractional CPUs): set it in every thread that runs the model.
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
 
     def determine_num_kv_blocks(self) -> int:
         cfg = self.config

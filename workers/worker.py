@@ -8,6 +8,7 @@ compositions, e.g. ``class CPUWorker(CPUMixin, Worker)``.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 
@@ -52,11 +53,15 @@ class Worker:
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
+        self._thread = threading.get_ident()
 
     # ---- device hooks (mixins) --------------------------------------------------
 
     def init_device(self) -> None:
         raise NotImplementedError
+
+    def init_thread(self) -> None:
+        """Per-thread device settings (e.g. OpenMP threads), for a new calling thread."""
 
     def determine_num_kv_blocks(self) -> int:
         raise NotImplementedError
@@ -70,6 +75,11 @@ class Worker:
     def execute_model(self, data: bytes) -> bytes | None:
         """Runs one step (rank 0 returns the SamplerOutput, others None) or one
         broadcast call (every rank returns a RankReply)."""
+        if self._thread != threading.get_ident():
+            # Transports may call from a thread other than the one that initialised us
+            # (a compiled graph runs its own loop thread); thread-local settings follow.
+            self._thread = threading.get_ident()
+            self.init_thread()
         try:
             msg = decode_rank_input(data)
             if isinstance(msg, RankCall):

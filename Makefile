@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: install
+	# Serve binds 127.0.0.1:8000 by default; see README for options.
 	$(BIN)/serve run serve_app:deploy
 
 test: install

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.throughput import Workload, check_fits, machine_info, make_workload
+from bench.throughput import Workload, check_fits, emit_json, machine_info, make_workload
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
 SWEEP = "sweep"  # the value of a bare --concurrency / --request-rate
@@ -455,12 +455,7 @@ def main(argv=None) -> dict:
         vocab_size=vocab_size, seed=args.seed, load=args.load, levels=levels, offline=offline,
         command=" ".join(["python -m bench.serving", *(argv if argv is not None else sys.argv[1:])]),
         machine=machine_info())
-    line = json.dumps(record)
-    print(line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return record
+    return emit_json(record, args.json_out)
 
 
 def _reseeded(args, seed: int) -> argparse.Namespace:

@@ -22,7 +22,6 @@ in-process null rank: the engine-side Python cost per step.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -307,7 +306,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from bench.throughput import machine_info
+    from bench.throughput import emit_json, machine_info
 
     max_len = args.context + args.warmup + args.steps + args.block_size
     import ray
@@ -335,12 +334,7 @@ def main(argv=None) -> dict:
         results=rows, engine=engine_rows,
         command=" ".join(["python -m bench.step_overhead", *(argv or sys.argv[1:])]),
         machine=machine_info())
-    line = json.dumps(record)
-    print(line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return record
+    return emit_json(record, args.json_out)
 
 
 if __name__ == "__main__":

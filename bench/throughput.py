@@ -232,6 +232,16 @@ def _has_tokenizer(model_path: str) -> bool:
 
 # ---- report -------------------------------------------------------------------------------
 
+def emit_json(record: dict, path: str | None) -> dict:
+    """Prints the benchmark's one JSON line (and writes it to ``path`` if given)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path:
+        with open(path, "w") as f:
+            f.write(line + "\n")
+    return record
+
+
 def machine_info() -> dict:
     """Where and when a number was taken (recorded with every result)."""
     import torch
@@ -332,12 +342,7 @@ def main(argv=None) -> dict:
         seed=args.seed,
         results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
         machine=machine_info())
-    line = json.dumps(record)
-    print(line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return record
+    return emit_json(record, args.json_out)
 
 
 if __name__ == "__main__":

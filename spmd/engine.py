@@ -12,7 +12,7 @@ import numpy as np
 
 import ray
 
-from dag import RankFailure, Transport, make_transport
+from dag import Transport, make_transport
 from serialization import (
     RankCall,
     decode_output,

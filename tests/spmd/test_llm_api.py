@@ -66,13 +66,19 @@ def test_logprobs_and_n(llm):
     assert len({tuple(c.token_ids) for c in many.outputs}) > 1
 
 
-def test_eos_finishes_with_stop(llm):
+def test_eos_stops_unless_ignored(llm):
+    eng = llm.engine
     eos = llm.get_tokenizer().eos_token_id
-    # Force EOS by making it the only allowed... instead: stop at eos when sampled; with
-    # ignore_eos the same run goes on to max_tokens.
-    outs = llm.generate(["a"] * 1, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[eos]),
-                        use_tqdm=False)
-    assert outs[0].outputs[0].finish_reason in ("length", "stop")
+    eng.add_request("eos-on", "a", SamplingParams(max_tokens=2))
+    eng.add_request("eos-off", "a", SamplingParams(max_tokens=2, ignore_eos=True))
+    try:
+        assert eos in eng.scheduler.get_request("eos-on").stop_token_ids
+        assert eos not in eng.scheduler.get_request("eos-off").stop_token_ids
+    finally:
+        eng.abort_request("eos-on")
+        eng.abort_request("eos-off")
+        eng.step()  # frees them on the ranks
+    assert not eng.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -36,10 +36,16 @@ def head_node():
     # A short temp dir: Ray's Unix sockets live under it (108-byte path limit).
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     gcs, dash = _free_port(), _free_port()
+    # Every agent port explicit: the test session's own cluster already holds the defaults,
+    # and a head whose job agent cannot bind never accepts a job.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     start = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=4",
                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                             f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-                            "--disable-usage-stats"], capture_output=True, text=True, timeout=180, env=env)
+                            "--disable-usage-stats", *ports],
+                           capture_output=True, text=True, timeout=180, env=env)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
         yield f"http://127.0.0.1:{dash}", env

@@ -15,6 +15,7 @@ import ray
 from dag import Transport, make_transport
 from serialization import (
     RankCall,
+    SamplingOptions,
     decode_output,
     decode_reply,
     encode,
@@ -199,9 +200,7 @@ class Engine:
         return self._next_seq_id
 
 
-def _options(params: SamplingParams, seed: int):
-    from serialization import SamplingOptions
-
+def _options(params: SamplingParams, seed: int) -> SamplingOptions:
     return SamplingOptions(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
         seed=seed, presence_penalty=params.presence_penalty,

@@ -55,9 +55,11 @@ class Result:
     num_requests: int
     num_prompt_tokens: int
     num_output_tokens: int
+    extra: dict = dataclasses.field(default_factory=dict)  # engine: steps, overhead, NaN count
 
     def summary(self) -> dict:
         return dict(
+            **self.extra,
             backend=self.backend, startup_s=round(self.startup_s, 3),
             elapsed_s=round(self.elapsed_s, 3),
             requests_per_s=round(self.num_requests / self.elapsed_s, 4),
@@ -83,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed", action="store_true",
                    help="input length and max_tokens each uniform in %d..%d per request" % MIXED_RANGE)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -144,15 +148,20 @@ def run_engine(backend: str, model_path: str, workload: Workload, args) -> Resul
               dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
-              skip_tokenizer_init=not _has_tokenizer(model_path))
+              skip_tokenizer_init=not _has_tokenizer(model_path),
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     try:
         startup_s = time.perf_counter() - t0
         params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
                                  detokenize=not args.disable_detokenize) for k in workload.output_lens]
         prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+        steps = _record_steps(llm.engine)
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params)
         elapsed_s = time.perf_counter() - t0
+        extra = dict(step_stats(steps), num_kv_blocks=llm.engine.num_kv_blocks,
+                     preemptions=llm.engine.stats_total["preemptions"],
+                     nonfinite_steps=max(llm.engine.call_all("nonfinite_steps")))
     finally:
         llm.shutdown()
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -160,7 +169,42 @@ def run_engine(backend: str, model_path: str, workload: Workload, args) -> Resul
         print(f"warning: {backend} generated {generated} tokens, {workload.num_output_tokens} requested",
               file=sys.stderr)
     return Result(backend, startup_s, elapsed_s, len(outputs), workload.num_prompt_tokens,
-                  workload.num_output_tokens)
+                  workload.num_output_tokens, extra)
+
+
+def _record_steps(engine) -> list[dict]:
+    """Collects every step's ``last_step_stats`` (engine-side timings) while generating."""
+    records: list[dict] = []
+    inner = engine.step
+
+    def step():
+        before = engine.last_step_stats
+        out = inner()
+        if engine.last_step_stats is not before:
+            records.append(engine.last_step_stats)
+        return out
+
+    engine.step = step
+    return records
+
+
+def step_stats(records: list[dict]) -> dict:
+    """Step counts and the engine's own cost per step: from ``schedule()`` to tokens
+    appended, minus the rank's model time (the forward pass and sampling), as the median
+    over pure decode steps of at least 7/8 of the largest decode batch seen."""
+    decode = [r for r in records if r["num_tokens"] == r["num_seqs"]]
+    out = dict(steps=len(records), decode_steps=len(decode))
+    if not decode:
+        return out
+    largest = max(r["num_seqs"] for r in decode)
+    big = [r for r in decode if r["num_seqs"] >= largest * 7 // 8]
+    overhead = [r["schedule_encode_s"] + r["round_trip_s"] + r["process_s"] - r["model_time_s"]
+                for r in big]
+    return dict(out, max_decode_batch=largest,
+                decode_step_ms=round(1e3 * float(np.median(
+                    [r["schedule_encode_s"] + r["round_trip_s"] + r["process_s"] for r in big])), 3),
+                decode_model_ms=round(1e3 * float(np.median([r["model_time_s"] for r in big])), 3),
+                decode_overhead_ms=round(1e3 * float(np.median(overhead)), 3))
 
 
 def run_hf(model_path: str, workload: Workload, args) -> Result:
@@ -177,7 +221,8 @@ def run_hf(model_path: str, workload: Workload, args) -> Result:
     dtype = getattr(torch, _dtype_name(args.dtype, args.device))
     if args.load_format == "dummy":
         torch.manual_seed(args.seed)
-        model = AutoModelForCausalLM.from_config(load_hf_config(model_path), dtype=dtype)
+        with torch.device(args.device):  # a 7B model is drawn on the GPU in seconds
+            model = AutoModelForCausalLM.from_config(load_hf_config(model_path), dtype=dtype)
     else:
         folder, gguf_file = resolve_model_path(model_path)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
@@ -322,6 +367,11 @@ def main(argv=None) -> dict:
             print(f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} "
                   f"total tokens/s, {r['output_tokens_per_s']:.2f} output tokens/s "
                   f"(backend={backend}, startup {r['startup_s']:.1f} s)", flush=True)
+            if "decode_overhead_ms" in r:
+                print(f"  {r['steps']} steps, {r['preemptions']} preemptions, NaN/Inf steps "
+                      f"{r['nonfinite_steps']}; decode at batch ~{r['max_decode_batch']}: step "
+                      f"{r['decode_step_ms']} ms, model {r['decode_model_ms']} ms, engine overhead "
+                      f"{r['decode_overhead_ms']} ms", flush=True)
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()

@@ -61,16 +61,20 @@ class RankGroup:
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: the engine calls ray.init first")
         self.tp_size = config.tp_size
-        self.pg = placement_group([{"CPU": num_cpus_per_rank}] * self.tp_size, strategy="PACK")
+        # One accelerator per rank: Ray sets CUDA_VISIBLE_DEVICES, so each rank sees cuda:0.
+        num_gpus = 1 if config.device == "cuda" else 0
+        bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus} if num_gpus else {})}
+        self.pg = placement_group([bundle] * self.tp_size, strategy="PACK")
         self.actors: list = []
         try:
             ready = self.pg.wait(timeout_seconds=start_timeout_s)
             if not ready:
-                res = ray.available_resources().get("CPU", 0.0)
+                avail = ray.available_resources()
                 raise RuntimeError(
-                    f"placement group for tensor_parallel_size={self.tp_size} ranks × "
-                    f"{num_cpus_per_rank} CPU not satisfied within {start_timeout_s:.0f} s "
-                    f"(cluster has {res:g} CPU available); lower num_cpus_per_rank or add nodes")
+                    f"placement group for tensor_parallel_size={self.tp_size} ranks × {bundle} "
+                    f"not satisfied within {start_timeout_s:.0f} s (cluster has "
+                    f"{avail.get('CPU', 0.0):g} CPU, {avail.get('GPU', 0.0):g} GPU available); "
+                    "lower num_cpus_per_rank or tensor_parallel_size, or add nodes")
             if self.tp_size > 1 and not config.dist_init_method:
                 config = msgspec.structs.replace(
                     config, dist_init_method=self._rendezvous_address(start_timeout_s))
@@ -78,7 +82,7 @@ class RankGroup:
                 strategy = PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank)
                 self.actors.append(RankActor.options(
-                    num_cpus=num_cpus_per_rank, scheduling_strategy=strategy).remote(worker_factory, config, rank))
+                    num_cpus=num_cpus_per_rank, num_gpus=num_gpus, scheduling_strategy=strategy).remote(worker_factory, config, rank))
             self._wait_ready(start_timeout_s)
         except BaseException:
             self.shutdown()

@@ -28,3 +28,5 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     dist_init_method: str = ""  # tcp://127.0.0.1:PORT for tp > 1
     dist_timeout_s: float = 120.0  # a collective that waits longer fails instead of hanging
     num_threads: int = 0  # torch intra-op threads per rank; 0: leave as is
+    enforce_eager: bool = False  # GPU: no CUDA graphs
+    cuda_graph_max_batch_size: int = 512  # GPU: largest decode batch captured in a graph

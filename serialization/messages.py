@@ -12,6 +12,8 @@ of N requests costs about 8 bytes per request plus a fixed header.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import numpy as np
 
@@ -122,12 +124,12 @@ class RankCall(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="call
     Every rank answers with ``RankReply``."""
 
     method: str
-    args: list[int | float | str | bool | None] = []
+    args: list[int | float | str | bool | None | list[int]] = []
 
 
 class RankReply(msgspec.Struct, frozen=True, array_like=True, gc=False):
     tp_rank: int
-    value: int | float | str | bool | None = None
+    value: Any = None  # a scalar, a string or raw bytes (e.g. float32 logits)
 
 
 _step_encoder = msgspec.msgpack.Encoder()

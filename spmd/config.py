@@ -37,6 +37,7 @@ class ModelConfig:
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     skip_tokenizer_init: bool = False
     seed: int = 0
+    enforce_eager: bool = False  # GPU: never capture CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
+
+
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,10 @@ class EngineConfig:
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _check(self.parallel.step_timeout_s > 0, "step_timeout_s", "must be > 0")
-        _check(self.device.device in ("cpu",), "device", f"must be cpu, got {self.device.device!r}")
+        _check(self.device.device in DEVICES, "device",
+               f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")
+        _check(self.scheduler.cuda_graph_max_batch_size >= 0, "cuda_graph_max_batch_size",
+               "must be >= 0")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -136,6 +144,8 @@ class EngineConfig:
             seed=self.model.seed,
             num_threads=threads,
             dist_timeout_s=self.parallel.step_timeout_s,
+            enforce_eager=self.model.enforce_eager,
+            cuda_graph_max_batch_size=self.scheduler.cuda_graph_max_batch_size,
         )
 
 

@@ -7,4 +7,8 @@ def worker_class(device: str):
         from workers.cpu_worker import CPUWorker
 
         return CPUWorker
-    raise ValueError(f"device: no worker for {device!r}; available: cpu")
+    if device == "cuda":
+        from workers.gpu_worker import GPUWorker
+
+        return GPUWorker
+    raise ValueError(f"device: no worker for {device!r}; available: cpu, cuda")

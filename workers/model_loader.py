@@ -9,12 +9,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from workers.layers.norm import RMSNorm
 from workers.models import get_model_class
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -60,8 +60,9 @@ def validate_tp(hf_config, tp_size: int) -> None:
 
 
 def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, tp_size: int,
-               seed: int = 0) -> nn.Module:
-    """This rank's shard, in eval mode, without gradients, on the CPU."""
+               seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """This rank's shard, in eval mode, without gradients, built directly on ``device``
+    (checkpoint tensors are read on the CPU and copied into place)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format: {load_format!r} is not one of {LOAD_FORMATS}")
     folder, gguf_file = resolve_model_path(model)
@@ -73,9 +74,10 @@ def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, t
     if load_format == "gguf" and gguf_file is None:
         raise ValueError(f"load_format: 'gguf' needs a .gguf file, {model!r} has none")
     with torch.no_grad():
-        net = model_cls(hf_config, tp_rank, tp_size, dtype)
+        with torch.device(device):
+            net = model_cls(hf_config, tp_rank, tp_size, dtype)
         if load_format == "dummy":
-            init_dummy_weights(net, seed)
+            net.load_weights(iter_dummy_weights(hf_config, seed, dtype, device))
         elif load_format == "gguf":
             net.load_weights(iter_gguf_weights(os.path.join(folder, gguf_file), hf_config, dtype))
         else:
@@ -83,16 +85,27 @@ def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, t
     return net.eval()
 
 
-def init_dummy_weights(net: nn.Module, seed: int) -> None:
-    """Random N(0, 0.02) weights with unit norms, drawn shard by shard (the full model
-    never exists). Every rank draws the same sequence, so replicated parameters agree."""
-    gen = torch.Generator().manual_seed(seed)
-    norms = {id(m.weight) for m in net.modules() if isinstance(m, RMSNorm)}
-    for param in net.parameters():
-        if id(param) in norms:
-            param.data.fill_(1.0)
-        else:
-            param.data.normal_(0.0, 0.02, generator=gen)
+def iter_dummy_weights(hf_config, seed: int, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Random HF-named full tensors, one at a time: N(0, 0.02) (norm weights 1), each
+    drawn from a generator seeded by ``seed`` and its name, and rounded to bfloat16.
+
+    Every rank shards the same full tensors, so a model's dummy weights are the same at
+    any tensor-parallel size; bfloat16 rounding makes a float32 run an exact-weights,
+    higher-precision reference for a bfloat16 one.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        names_only = AutoModelForCausalLM.from_config(hf_config)
+    for name, meta in names_only.state_dict().items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(meta.shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed(
+            (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        full = torch.empty(meta.shape, dtype=torch.float32, device=device)
+        yield name, full.normal_(0.0, 0.02, generator=gen).to(torch.bfloat16).to(dtype)
 
 
 def iter_hf_weights(folder: str) -> Iterator[tuple[str, object]]:

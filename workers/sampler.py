@@ -40,6 +40,14 @@ class SampleResult:
     top_ids: torch.Tensor | None  # int64 [B, k], k = max log-probs asked in the batch
     top_logprobs: torch.Tensor | None  # float32 [B, k], descending
 
+    def cpu(self) -> SampleResult:
+        """The same result with every tensor on the CPU (one copy each)."""
+        def move(t):
+            return None if t is None else t.cpu()
+
+        return SampleResult(move(self.token_ids), move(self.sampled_logprobs),
+                            move(self.top_ids), move(self.top_logprobs))
+
 
 def is_greedy(options: SamplingOptions) -> bool:
     return options.temperature < _GREEDY_TEMPERATURE

@@ -49,11 +49,13 @@ class Worker:
         self.dtype = _DTYPES[config.dtype]
         self.init_device()
         self.model = load_model(config.model, config.load_format, self.dtype, tp_rank,
-                                config.tp_size, seed=config.seed)
+                                config.tp_size, seed=config.seed, device=self.device)
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
         self._thread = threading.get_ident()
+        # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
+        self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     # ---- device hooks (mixins) --------------------------------------------------
 
@@ -109,6 +111,10 @@ class Worker:
     def num_live_requests(self) -> int:
         return len(self.batch.states)
 
+    def nonfinite_steps(self) -> int:
+        """Steps so far whose logits held a NaN or an Inf (benchmarks report it)."""
+        return int(self._nonfinite_steps)
+
     def batch_digest(self) -> str:
         """The persistent batch as text (seq id → tokens, progress), for tests that
         check every rank agrees with the engine."""
@@ -118,6 +124,32 @@ class Worker:
             toks = self.batch.tokens_of(seq_id).tolist()
             parts.append(f"{seq_id}:{int(self.batch.num_computed[row])}:{toks}")
         return ";".join(parts)
+
+    @torch.inference_mode()
+    def score_prompt(self, token_ids: list[int], last: int) -> bytes:
+        """Float32 logits (``[last, vocab]``, raw bytes) of a prompt's last ``last``
+        positions, from one prefill over a scratch cache (the serving cache is untouched):
+        compares numerics across dtypes, devices and tensor-parallel sizes."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        n, bs = len(ids), self.config.block_size
+        if not 0 < n <= self.config.max_model_len:
+            raise ValueError(f"token_ids: length {n} outside 1..max_model_len="
+                             f"{self.config.max_model_len}")
+        if not 0 < last <= n:
+            raise ValueError(f"last: {last} outside 1..{n}")
+        num_blocks = -(-n // bs)
+        dev = self.device
+        caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, bs), dtype=self.dtype,
+                              device=dev) for _ in range(self.model.num_layers)]
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
+            max_query_len=n, max_seq_len=n)
+        hidden = self.model(torch.from_numpy(ids).to(dev), torch.arange(n, device=dev), meta,
+                            caches)
+        return self.model.compute_logits(hidden[n - last:]).cpu().numpy().tobytes()
 
     def raise_error(self, message: str) -> None:
         """Test hook: this rank raises (the engine must name it)."""
@@ -146,6 +178,25 @@ class Worker:
 
     @torch.inference_mode()
     def _run_model(self, inputs: StepInputs) -> SampleResult:
+        if len(inputs.logits_indices) == 0:
+            self._compute_logits(inputs)
+            return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
+        logits = self._compute_logits(inputs)
+        self._nonfinite_steps += ~torch.isfinite(logits).all()
+        return self.sampler(logits, self._sampling_rows(inputs)).cpu()
+
+    def _compute_logits(self, inputs: StepInputs) -> torch.Tensor:
+        """Runs the model over the step; float32 logits ``[S', V]`` of the sampled tokens
+        (on the device). Device mixins may replace this (e.g. with a CUDA-graph replay)."""
+        meta, input_ids, positions = self._prepare_tensors(inputs)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        if len(inputs.logits_indices) == 0:
+            return hidden[:0]
+        return self.model.compute_logits(
+            hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
+
+    def _prepare_tensors(self, inputs: StepInputs):
+        """(AttentionMetadata, input_ids, positions) on the device."""
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev),
@@ -155,12 +206,8 @@ class Worker:
             max_query_len=int(np.diff(inputs.query_start_loc).max()),
             max_seq_len=int(inputs.seq_lens.max()),
         )
-        hidden = self.model(torch.from_numpy(inputs.input_ids).to(dev),
-                            torch.from_numpy(inputs.positions).to(dev), meta, self.kv_caches)
-        if len(inputs.logits_indices) == 0:
-            return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
-        logits = self.model.compute_logits(hidden[torch.from_numpy(inputs.logits_indices).to(dev)])
-        return self.sampler(logits.float().cpu(), self._sampling_rows(inputs))
+        return (meta, torch.from_numpy(inputs.input_ids).to(dev),
+                torch.from_numpy(inputs.positions).to(dev))
 
     def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
         batch = self.batch
@@ -196,4 +243,4 @@ class Worker:
 
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
-          "batch_digest", "raise_error", "sleep"}
+          "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep"}

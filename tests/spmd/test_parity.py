@@ -110,3 +110,26 @@ def test_all_ranks_agree_with_the_engine(ray_cluster, tiny_dir):
         assert digests[0] == digests[1] == expected
     finally:
         llm.shutdown()
+
+
+def test_score_prompt_logits_equal_transformers_on_every_rank(ray_cluster, tiny_dir):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir("qwen2")
+    prompt = mixed_prompts(1, 256, seed=3, lo=40, hi=41)[0]
+    with torch.inference_mode():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        ref = hf(torch.tensor([prompt])).logits[0, -8:].numpy()
+    llm = LLM(path, tensor_parallel_size=2, skip_tokenizer_init=True, max_model_len=256)
+    try:
+        replies = llm.engine.call_all("score_prompt", prompt, 8)
+        with pytest.raises(Exception, match="last: 99 outside 1..40"):
+            llm.engine.call_all("score_prompt", prompt, 99)
+    finally:
+        llm.shutdown()
+    assert len(replies) == 2
+    for reply in replies:
+        logits = np.frombuffer(reply, dtype=np.float32).reshape(8, -1)
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-5)

@@ -104,6 +104,21 @@ def test_dummy_shards_have_rank_shapes(llama_bias):
                        model.model.layers[0].self_attn.qkv_proj.weight)
 
 
+def test_dummy_weights_are_the_same_model_at_any_tp(llama_bias):
+    # Ranks shard the same full tensors: tp=2 shards reassemble into tp=1's weights.
+    whole = load_model(llama_bias, "dummy", torch.float32, 0, 1, seed=5)
+    halves = [load_model(llama_bias, "dummy", torch.float32, r, 2, seed=5) for r in (0, 1)]
+    down = [h.model.layers[1].mlp.down_proj.weight for h in halves]
+    assert torch.equal(torch.cat(down, dim=1), whole.model.layers[1].mlp.down_proj.weight)
+    embed = [h.model.embed_tokens.weight for h in halves]
+    assert torch.equal(torch.cat(embed)[:128], whole.model.embed_tokens.weight[:128])
+    # bfloat16-representable, so a float32 run is an exact-weights reference for bfloat16.
+    w = whole.model.layers[0].self_attn.qkv_proj.weight
+    assert torch.equal(w, w.to(torch.bfloat16).float())
+    other_seed = load_model(llama_bias, "dummy", torch.float32, 0, 1, seed=6)
+    assert not torch.equal(other_seed.model.layers[0].self_attn.qkv_proj.weight, w)
+
+
 def test_dummy_llama2_7b_shapes_one_layer(tmp_path):
     # Llama-2-7B dimensions with one layer: the shard is built without the full model.
     cfg = tiny_config("llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,

@@ -1,0 +1,290 @@
+"""Checks and times the Triton kernels of ``workers.triton_ops`` on one GPU.
+
+    python -m bench.check_kernels [--dtypes bfloat16,float32] [--skip-bandwidth]
+
+For each op, in each dtype, at Llama-2-7B sizes (hidden 4096, 32 heads of 128, 32 or
+8 kv heads): fresh random inputs, the CUDA kernel against the reference op run in
+float64 on the CPU (relative error ``|out - ref| / |ref|``), outputs allocated over
+NaN-poisoned memory (every element must be written), stale KV slots poisoned with NaN
+(they must be masked), ``torch.library.opcheck`` with CUDA inputs, then the median
+time of the kernel next to the eager reference body on the GPU. Last, decode attention
+at batch 256 over 512 and 2048 tokens of context, with the achieved KV read bandwidth.
+Prints one table and one JSON line; exits nonzero if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from workers import ops
+
+BLOCK_SIZE = 16
+HIDDEN, NUM_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 128, 11008
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# opcheck's schema, autograd-registration and fake-tensor checks; not
+# test_aot_dispatch_dynamic: these are inference ops with no autograd formula.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@dataclass
+class Result:
+    op: str
+    dtype: str
+    shape: str
+    rel_err: float
+    kernel_us: float
+    torch_us: float
+    ok: bool
+    note: str = ""
+
+
+def _poison_next_alloc(*shapes_dtypes) -> None:
+    """Fills freed blocks of these sizes with NaN, so the caching allocator hands them
+    back poisoned to the kernel's own ``torch.empty``: unwritten outputs show up as NaN."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+              for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _cpu64(args):
+    return tuple(a.detach().cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _bench_us(fn) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _paged_batch(seqs, num_kv_heads, dtype, gen, max_model_len, poison=True):
+    """``seqs`` [(seq_len, query_len)]: q, a KV cache with shuffled blocks and stale slots
+    (NaN when ``poison``), block tables, seq_lens, query_start_loc (+2 padding tokens)."""
+    blocks_per_seq = [-(-s // BLOCK_SIZE) for s, _ in seqs]
+    num_blocks = sum(blocks_per_seq) + 4
+    kv_cache = torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM, generator=gen,
+                           device="cuda").to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen, device="cuda")
+    max_blocks = -(-max_model_len // BLOCK_SIZE)
+    block_tables = torch.randint(0, num_blocks, (len(seqs), max_blocks), generator=gen,
+                                 device="cuda", dtype=torch.int32)
+    used = 0
+    for i, ((seq_len, _), n) in enumerate(zip(seqs, blocks_per_seq)):
+        block_tables[i, :n] = perm[used:used + n].to(torch.int32)
+        if poison and seq_len % BLOCK_SIZE:  # stale slots at the end of the last block
+            kv_cache[:, perm[used + n - 1], seq_len % BLOCK_SIZE:] = float("nan")
+        used += n
+    if poison:
+        kv_cache[:, perm[used:]] = float("nan")  # blocks no sequence owns
+    query_lens = torch.tensor([n for _, n in seqs], device="cuda")
+    query_start_loc = torch.zeros(len(seqs) + 1, dtype=torch.int32, device="cuda")
+    query_start_loc[1:] = query_lens.cumsum(0)
+    num_tokens = int(query_lens.sum()) + 2
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, generator=gen, device="cuda").to(dtype)
+    seq_lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32, device="cuda")
+    return q, kv_cache, block_tables, seq_lens, query_start_loc
+
+
+def _attention_reference(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+                         max_seq_len, scale):
+    """float64 on the CPU over the sequences with a context; zeros elsewhere."""
+    q64, kv64 = q.cpu().double(), torch.nan_to_num(kv_cache.cpu().double())
+    starts, lens = query_start_loc.cpu(), seq_lens.cpu()
+    live = (lens > 0).nonzero().view(-1).tolist()
+    tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in live])
+    live_starts = torch.zeros(len(live) + 1, dtype=torch.int32)
+    live_starts[1:] = (starts[1:] - starts[:-1])[live].cumsum(0)
+    ref = torch.zeros(q64.shape, dtype=torch.float64)
+    ref[tokens] = torch.ops.spmd.paged_attention(
+        q64[tokens], kv64, block_tables.cpu()[live], lens[live], live_starts, max_query_len,
+        max_seq_len, scale)
+    return ref
+
+
+def _cases(dtype, gen):
+    """(op name, shape label, CUDA args, output shapes/dtypes to poison)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    tokens = 2048
+    x, residual, weight = randn(tokens, HIDDEN), randn(tokens, HIDDEN), randn(HIDDEN)
+    yield "rms_norm", f"{tokens}x{HIDDEN}", (x, weight, 1e-6), [((tokens, HIDDEN), dtype)]
+    yield ("fused_add_rms_norm", f"{tokens}x{HIDDEN}", (x, residual, weight, 1e-6),
+           [((tokens, HIDDEN), dtype)] * 2)
+    yield ("silu_and_mul", f"{tokens}x{2 * INTERMEDIATE}", (randn(tokens, 2 * INTERMEDIATE),),
+           [((tokens, INTERMEDIATE), dtype)])
+    cache = ops.build_cos_sin_cache(HEAD_DIM, 4096, 10000.0, None, dtype).cuda()
+    positions = torch.randint(0, 4096, (tokens,), generator=gen, device="cuda")
+    for num_kv_heads in (32, 8):
+        kv_size = num_kv_heads * HEAD_DIM
+        q, k, v = randn(tokens, HIDDEN + 2 * kv_size).split([HIDDEN, kv_size, kv_size], -1)
+        yield ("rotary_embedding", f"T{tokens} {NUM_HEADS}/{num_kv_heads}x{HEAD_DIM} split",
+               (positions, q, k, cache, HEAD_DIM), [((tokens, HIDDEN), dtype),
+                                                     ((tokens, kv_size), dtype)])
+        num_blocks = 4096
+        kv_cache = torch.full((2, num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM), float("nan"),
+                              dtype=dtype, device="cuda")
+        slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=gen, device="cuda")[:tokens]
+        slots[::7] = -1
+        yield ("write_kv_cache", f"T{tokens} kv{num_kv_heads}x{HEAD_DIM}",
+               (k.view(tokens, num_kv_heads, HEAD_DIM), v.view(tokens, num_kv_heads, HEAD_DIM),
+                kv_cache, slots), [])
+        max_model_len = 4096
+        lens = torch.randint(1, max_model_len, (62,), generator=gen, device="cuda").tolist()
+        decode = [(s, 1) for s in lens] + [(0, 1), (0, 1)]  # two CUDA-graph padding rows
+        yield ("paged_attention", f"decode S64 L<=4096 {NUM_HEADS}/{num_kv_heads}",
+               (*_paged_batch(decode, num_kv_heads, dtype, gen, max_model_len), 1,
+                max_model_len, HEAD_DIM**-0.5), [])
+        mixed = [(1000, 1000), (700, 300), (2000, 37), (513, 513)] + [(s, 1) for s in lens[:8]]
+        yield ("paged_attention", f"mixed 4 prefill+8 decode {NUM_HEADS}/{num_kv_heads}",
+               (*_paged_batch(mixed, num_kv_heads, dtype, gen, max_model_len), 1000,
+                max_model_len, HEAD_DIM**-0.5), [])
+
+
+def _check_case(name, shape, args, poison, dtype) -> Result:
+    op = getattr(torch.ops.spmd, name)
+    eager = getattr(ops, f"_{name}")._init_fn
+    if name == "write_kv_cache":
+        key, value, kv_cache, slots = args
+        op(*args)
+        written, keep = kv_cache.view(2, -1, *kv_cache.shape[3:]), slots >= 0
+        expected = torch.stack([key[keep], value[keep]]).to(dtype)
+        err = _rel_err(written[:, slots[keep]], expected)
+        untouched = torch.ones(written.shape[1], dtype=torch.bool, device="cuda")
+        untouched[slots[keep]] = False
+        ok = err == 0.0 and bool(written[:, untouched].isnan().all())
+        note = "" if ok else "wrong slots written"
+    else:
+        _poison_next_alloc(*poison)
+        outs = op(*args)
+        torch.cuda.synchronize()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if name == "paged_attention":
+            refs = (_attention_reference(*args),)
+        else:
+            refs = getattr(torch.ops.spmd, name)(*_cpu64(args))
+            refs = refs if isinstance(refs, tuple) else (refs,)
+        err = max(_rel_err(o, r) for o, r in zip(outs, refs))
+        ok, note = err <= TOLERANCE[dtype], ""
+        if name == "paged_attention" and not ok:
+            note = "NaN/unwritten" if err == float("inf") else "error"
+    kernel_us = _bench_us(lambda: op(*args))
+    eager_args = args
+    if name == "paged_attention":  # the eager body needs finite stale slots (0 * NaN)
+        eager_args = (args[0], torch.nan_to_num(args[1]), *args[2:])
+    torch_us = _bench_us(lambda: eager(*eager_args))
+    return Result(name, str(dtype).removeprefix("torch."), shape, err, kernel_us, torch_us, ok, note)
+
+
+def _opchecks() -> list[str]:
+    """opcheck on small CUDA inputs; returns the failures."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    failures = []
+    for dtype in (torch.float32, torch.bfloat16):
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+        x, w = randn(5, 256), randn(256)
+        q, k, v = randn(5, 4 * 64 + 2 * 2 * 64).split([256, 128, 128], -1)
+        cache = ops.build_cos_sin_cache(64, 64, 10000.0, None, dtype).cuda()
+        positions = torch.randint(0, 64, (5,), device="cuda")
+        kv_cache = torch.zeros(2, 8, BLOCK_SIZE, 2, 64, dtype=dtype, device="cuda")
+        slots = torch.tensor([3, -1, 40, 41, 100], device="cuda")
+        batch = _paged_batch([(20, 5), (33, 1)], 2, dtype, gen, 64, poison=False)
+        q_attn = batch[0][:, :4].contiguous()
+        decode = _paged_batch([(20, 1), (0, 1), (70, 1)], 2, dtype, gen, 128, poison=False)
+        cases = [
+            ("rms_norm", (x, w, 1e-6)),
+            ("fused_add_rms_norm", (x, randn(5, 256), w, 1e-6)),
+            ("silu_and_mul", (x,)),
+            ("rotary_embedding", (positions, q, k, cache, 64)),
+            ("write_kv_cache", (k.reshape(5, 2, 64), v.reshape(5, 2, 64), kv_cache, slots)),
+            ("paged_attention", (q_attn, *batch[1:], 5, 64, 0.125)),
+            ("paged_attention", (decode[0][:, :4].contiguous(), *decode[1:], 1, 128, 0.125)),
+        ]
+        for name, args in cases:
+            try:
+                torch.library.opcheck(getattr(torch.ops.spmd, name), args, test_utils=OPCHECK_UTILS)
+            except Exception as exc:  # noqa: BLE001 (report every op, then fail)
+                failures.append(f"opcheck {name} {dtype}: {exc}")
+    return failures
+
+
+def _decode_bandwidth(num_kv_heads: int, batch: int, context: int, max_model_len: int) -> dict:
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    args = _paged_batch([(context, 1)] * batch, num_kv_heads, dtype, gen, max_model_len,
+                        poison=False)
+    us = _bench_us(lambda: torch.ops.spmd.paged_attention(*args, 1, max_model_len, HEAD_DIM**-0.5))
+    kv_bytes = 2 * batch * context * num_kv_heads * HEAD_DIM * dtype.itemsize
+    return {"batch": batch, "context": context, "max_seq_len": max_model_len,
+            "heads": f"{NUM_HEADS}/{num_kv_heads}", "us": us, "kv_GB_per_s": kv_bytes / us / 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--skip-bandwidth", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("check_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import workers.triton_ops  # noqa: F401  (registers the CUDA kernels)
+
+    results, failures = [], []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for name, shape, case_args, poison in _cases(dtype, gen):
+            result = _check_case(name, shape, case_args, poison, dtype)
+            print(f"{result.op:20s} {result.dtype:9s} {result.shape:36s} {result.rel_err:.2e} "
+                  f"{'ok' if result.ok else 'FAIL ' + result.note}", flush=True)
+            results.append(result)
+            torch.cuda.empty_cache()
+    failures += [f"{r.op} {r.dtype} {r.shape}: rel err {r.rel_err:.2e} {r.note}"
+                 for r in results if not r.ok]
+    failures += _opchecks()
+    bandwidth = []
+    if not args.skip_bandwidth:
+        for num_kv_heads in (32, 8):
+            for context, max_model_len in ((512, 512), (2048, 2048), (2048, 8192)):
+                bandwidth.append(_decode_bandwidth(num_kv_heads, 256, context, max_model_len))
+                torch.cuda.empty_cache()
+
+    print(f"\n{torch.cuda.get_device_name()}")
+    print(f"{'op':20s} {'dtype':9s} {'shape':36s} {'rel err':>9s} {'µs kernel':>10s} "
+          f"{'µs torch':>10s}  ok")
+    for r in results:
+        print(f"{r.op:20s} {r.dtype:9s} {r.shape:36s} {r.rel_err:9.2e} {r.kernel_us:10.1f} "
+              f"{r.torch_us:10.1f}  {'ok' if r.ok else 'FAIL'}")
+    if bandwidth:
+        print(f"\n{'decode bf16':12s} {'heads':>6s} {'batch':>6s} {'context':>8s} "
+              f"{'max_seq_len':>12s} {'µs':>9s} {'KV GB/s':>9s}")
+        for b in bandwidth:
+            print(f"{'':12s} {b['heads']:>6s} {b['batch']:6d} {b['context']:8d} "
+                  f"{b['max_seq_len']:12d} {b['us']:9.1f} {b['kv_GB_per_s']:9.0f}")
+    for failure in failures:
+        print("FAIL", failure)
+    print(json.dumps({"device": torch.cuda.get_device_name(),
+                      "results": [r.__dict__ for r in results], "decode_bandwidth": bandwidth,
+                      "failures": failures}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One whole GPU measurement per call on a lent device machine (see README, Benchmarks).
+#
+#   bash bench/gpu.sh smoke   # kernels vs float64 + opcheck, fp32 tiny parity, a short 7B run
+#   bash bench/gpu.sh tp1     # nvidia-h100-x1: 7B dummy 512/1000 prompts, dag/inproc/ray/hf
+#   bash bench/gpu.sh tp2     # nvidia-h200-x2: parity + logits at tp=1/2, 7B dag/ray at tp=2
+#
+# Needs the carried wheels (.whl, from ../shared/device/make-wheels.sh): Ray and msgspec
+# are not on the GPU image. JSON lines and logs go to $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+# NVLink multicast stays off: it can take a shared host's GPUs out of service.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+
+fail=0
+run() {  # run NAME CMD...: logs to $OUT/NAME.log, keeps going on failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E '^\s*$|it/s\]|s/it\]' | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "!!! $name failed (rc=$rc)"; fail=1; }
+}
+thru() {  # thru NAME ARGS...: bench.throughput on the 7B shape, JSON to $OUT/NAME.json
+  local name=$1; shift
+  run "$name" python3 -m bench.throughput --model llama2-7b --load-format dummy --device cuda \
+    --input-len 256 --output-len 256 --max-num-seqs 512 --max-num-batched-tokens 8192 \
+    --disable-detokenize --json-out "$OUT/$name.json" "$@"
+}
+
+mode=${1:-smoke}
+case $mode in
+  smoke)
+    run kernels python3 -m bench.check_kernels
+    run parity python3 -m bench.gpu_check --tiny --tp 1
+    thru smoke --num-prompts 128 --backends dag
+    ;;
+  tp1)
+    thru tp1_512 --num-prompts 512 --backends dag,inproc,ray,hf --hf-batch-size 128
+    thru tp1_1000 --num-prompts 1000 --backends dag
+    run profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
+      --batch-size 256 --input-len 256 --steps 5 --trace "$OUT/trace_tp1.json"
+    ;;
+  tp2)
+    run parity python3 -m bench.gpu_check --tiny --logits --json-out "$OUT/gpu_check.json"
+    thru tp2_512 --num-prompts 512 --tp 2 --backends dag,ray
+    thru tp2_1000 --num-prompts 1000 --tp 2 --backends dag
+    ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp2)"; exit 2 ;;
+esac
+exit $fail

@@ -1,0 +1,315 @@
+"""Triton kernels (``workers.triton_ops``) against the reference ops, on the CPU.
+
+The kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), which executes
+each program with numpy: it checks indexing, masking and numerics, not GPU
+compilation. ``test_kernels_compile_for_sm90`` covers the latter by compiling every
+kernel to a Hopper cubin in a subprocess (no GPU needed). The interpreter's bf16
+``tl.dot`` is broken (it multiplies the raw uint16 bits), so attention is checked in
+fp32 and fp16, which share the bf16 code path; elementwise kernels also run in bf16.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from workers import ops  # noqa: E402
+
+# The checks run in one child process started with TRITON_INTERPRET=1: the interpreter is
+# chosen when @triton.jit decorates a function, including triton's own tl.sum & co., so it
+# must be set before anything in the process imports triton (torch may already have here).
+_SERVER = textwrap.dedent("""
+    import importlib.util, json, sys, traceback
+    import triton.runtime.interpreter as interpreter
+
+    def _patch_lang_tensor(tensor, scope, _patch=interpreter._patch_lang_tensor):
+        _patch(tensor, scope)
+        # Scalars are 1-element arrays in the interpreter, and numpy >= 2.4 refuses int() of
+        # those, which breaks loops with tensor bounds (range(start, seq_len, BLOCK)).
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    spec = importlib.util.spec_from_file_location("_triton_interpreter_checks", sys.argv[1])
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    for line in sys.stdin:
+        name, args = json.loads(line)
+        try:
+            getattr(checks, name)(*args)
+            reply = "ok"
+        except BaseException:
+            reply = traceback.format_exc()
+        print(json.dumps(reply), flush=True)
+""")
+
+
+class _Interpreter:
+    def __init__(self):
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, __file__], cwd=_ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, check: str, *args):
+        self.proc.stdin.write(json.dumps([check, args]) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, "the interpreter process died"
+        reply = json.loads(reply)
+        assert reply == "ok", reply
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    server = _Interpreter()
+    yield server
+    server.proc.stdin.close()
+    server.proc.wait(timeout=30)
+
+
+def _triton_ops():
+    from workers import triton_ops
+
+    assert type(triton_ops._rms_norm_kernel).__name__ == "InterpretedFunction"
+    return triton_ops
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BLOCK_SIZE = 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=torch.float32, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _assert_close(actual, expected, dtype):
+    # Low precision: a kernel may round an intermediate differently from eager by one ulp.
+    rtol, atol = {torch.float32: (1e-5, 1e-6), torch.float16: (4e-3, 4e-3),
+                  torch.bfloat16: (3e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- elementwise
+
+
+def _check_rms_norms(dtype_name):
+    triton_ops, dtype, gen = _triton_ops(), DTYPES[dtype_name], _gen(0)
+    for tokens, hidden in [(1, 16), (7, 96), (3, 4096)]:
+        x = _randn(tokens, hidden, dtype=dtype, gen=gen)
+        residual = _randn(tokens, hidden, dtype=dtype, gen=gen)
+        weight = _randn(hidden, dtype=dtype, gen=gen)
+        _assert_close(triton_ops.rms_norm(x, weight, 1e-6), ops._rms_norm(x, weight, 1e-6), dtype)
+        actual = triton_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+        expected = ops._fused_add_rms_norm(x, residual, weight, 1e-6)
+        for a, e in zip(actual, expected):
+            assert a.dtype == e.dtype
+            _assert_close(a, e, dtype)
+    # A float32 weight on a low-precision input promotes the output, as in eager.
+    x = _randn(4, 64, dtype=dtype, gen=gen)
+    weight = _randn(64, gen=gen)
+    out = triton_ops.rms_norm(x, weight, 1e-5)
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    _assert_close(out, ops._rms_norm(x, weight, 1e-5), dtype)
+
+
+def _check_silu_and_mul(dtype_name):
+    triton_ops, dtype, gen = _triton_ops(), DTYPES[dtype_name], _gen(1)
+    for tokens, width in [(1, 8), (5, 48), (3, 1500)]:
+        x = _randn(tokens, 2 * width + 4, dtype=dtype, gen=gen)[:, 4:]  # row-strided view
+        _assert_close(triton_ops.silu_and_mul(x), ops._silu_and_mul(x), dtype)
+
+
+def _check_rotary_embedding(dtype_name, num_heads, num_kv_heads, head_dim):
+    triton_ops, dtype, gen = _triton_ops(), DTYPES[dtype_name], _gen(2)
+    cache = ops.build_cos_sin_cache(head_dim, 256, 10000.0, None, dtype)
+    qkv = _randn(9, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    positions = torch.randint(0, 256, (9,), generator=gen)
+    actual = triton_ops.rotary_embedding(positions, q, k, cache, head_dim)
+    expected = ops._rotary_embedding(positions, q, k, cache, head_dim)
+    for a, e in zip(actual, expected):
+        assert a.is_contiguous() and a.shape == e.shape
+        _assert_close(a, e, dtype)
+
+
+def _check_write_kv_cache():
+    triton_ops, gen = _triton_ops(), _gen(3)
+    num_blocks, num_kv_heads, head_dim, tokens = 6, 2, 32, 11
+    kv_cache = _randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, gen=gen)
+    kv = _randn(tokens, 3 * num_kv_heads * head_dim, gen=gen)
+    _, key, value = kv.view(tokens, 3 * num_kv_heads, head_dim).split(num_kv_heads, dim=1)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=gen)[:tokens]
+    slots[[2, 7]] = -1
+    expected = kv_cache.clone()
+    ops._write_kv_cache(key, value, expected, slots)
+    triton_ops.write_kv_cache(key, value, kv_cache, slots)
+    assert torch.equal(kv_cache, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_rms_norms(interpreter, dtype):
+    interpreter.run("_check_rms_norms", dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_silu_and_mul(interpreter, dtype):
+    interpreter.run("_check_silu_and_mul", dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 16), (2, 2, 64), (4, 1, 128)])
+def test_rotary_embedding_on_split_qkv(interpreter, dtype, num_heads, num_kv_heads, head_dim):
+    interpreter.run("_check_rotary_embedding", dtype, num_heads, num_kv_heads, head_dim)
+
+
+def test_write_kv_cache_skips_padding_slots(interpreter):
+    interpreter.run("_check_write_kv_cache")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _batch(seqs, num_heads, num_kv_heads, head_dim, dtype, gen, padding_tokens=3):
+    """A random paged batch: ``seqs`` is a list of (seq_len, query_len); blocks are shuffled
+    and table entries past a sequence's last block hold stale (valid) block ids."""
+    max_blocks = max(1, max(-(-seq_len // BLOCK_SIZE) for seq_len, _ in seqs))
+    num_blocks = sum(-(-seq_len // BLOCK_SIZE) for seq_len, _ in seqs) + 2
+    kv_cache = _randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.randint(0, num_blocks, (len(seqs), max_blocks), generator=gen)
+    used = 0
+    for i, (seq_len, _) in enumerate(seqs):
+        n = -(-seq_len // BLOCK_SIZE)
+        block_tables[i, :n] = perm[used:used + n]
+        used += n
+    query_lens = torch.tensor([q for _, q in seqs])
+    query_start_loc = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    query_start_loc[1:] = query_lens.cumsum(0)
+    num_tokens = int(query_start_loc[-1]) + padding_tokens
+    q = _randn(num_tokens, num_heads, head_dim, dtype=dtype, gen=gen)
+    seq_lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32)
+    return q, kv_cache, block_tables.to(torch.int32), seq_lens, query_start_loc
+
+
+def _check_attention(seqs, num_heads, num_kv_heads, head_dim, dtype_name, seed, max_seq_len=None,
+                     partition_size=None):
+    triton_ops, dtype, gen = _triton_ops(), DTYPES[dtype_name], _gen(seed)
+    q, kv_cache, block_tables, seq_lens, query_start_loc = _batch(
+        seqs, num_heads, num_kv_heads, head_dim, dtype, gen)
+    max_query_len = max(n for _, n in seqs)
+    max_seq_len = max_seq_len or max(s for s, _ in seqs)
+    scale = head_dim**-0.5
+    kwargs = {"partition_size": partition_size} if partition_size else {}
+    actual = triton_ops.paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
+                                        max_query_len, max_seq_len, scale, **kwargs)
+    assert actual.dtype == dtype and torch.isfinite(actual).all()
+    # Reference in float64, over the sequences that have a context (seq_len > 0); the rest,
+    # and the batch padding past query_start_loc[-1], must be zero.
+    live = (seq_lens > 0).nonzero().view(-1).tolist()
+    live_tokens = torch.cat([torch.arange(int(query_start_loc[i]), int(query_start_loc[i + 1]))
+                             for i in live])
+    live_starts = torch.zeros(len(live) + 1, dtype=torch.int32)
+    live_starts[1:] = (query_start_loc[1:] - query_start_loc[:-1])[live].cumsum(0)
+    ref = ops._paged_attention(q[live_tokens].double(), kv_cache.double(), block_tables[live],
+                               seq_lens[live], live_starts, max_query_len, max_seq_len, scale)
+    expected = torch.zeros(q.shape, dtype=torch.float64)
+    expected[live_tokens] = ref
+    rel = float((actual.double() - expected).norm() / expected.norm())
+    assert rel < (1e-6 if dtype == torch.float32 else 1e-3), rel
+    _assert_close(actual, expected.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_gqa_with_padding_rows(interpreter, dtype):
+    # seq_len 0 is a CUDA-graph padding row: zeros, not NaN. The grid covers max_model_len.
+    seqs = [(17, 1), (0, 1), (1, 1), (100, 1), (64, 1)]
+    interpreter.run("_check_attention", seqs, 4, 2, 16, dtype, 4, 256, 64)
+    interpreter.run("_check_attention", seqs, 8, 2, 32, dtype, 5, 200)
+
+
+def test_decode_long_context_spans_partitions(interpreter):
+    interpreter.run("_check_attention", [(1100, 1), (530, 1), (3, 1)], 2, 2, 32, "float32", 6, 1200)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_mha_large_head_dim(interpreter, head_dim):
+    interpreter.run("_check_attention", [(40, 1), (77, 1)], 2, 2, head_dim, "float32", 7, 128, 64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_mixed_prefill_and_decode(interpreter, dtype):
+    # Full prompts, a chunked prefill over cached context, decodes and an empty sequence.
+    seqs = [(40, 40), (70, 5), (33, 1), (0, 0), (130, 45), (1, 1)]
+    interpreter.run("_check_attention", seqs, 4, 2, 16, dtype, 8)
+    interpreter.run("_check_attention", seqs[:3], 4, 4, 32, dtype, 9)
+
+
+def test_prefill_large_head_dim(interpreter):
+    interpreter.run("_check_attention", [(50, 50), (20, 3)], 2, 1, 128, "float32", 10)
+
+
+# --------------------------------------------------------------------------- compilation
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from workers import triton_ops as T
+
+    INDEX_PTRS = {"positions_ptr": "i64", "slot_mapping_ptr": "i64", "block_tables_ptr": "i32",
+                  "seq_lens_ptr": "i32", "query_start_loc_ptr": "i32", "part_acc_ptr": "fp32",
+                  "part_max_ptr": "fp32", "part_sum_ptr": "fp32"}
+
+    def build(kernel, dtype, constexprs, num_warps=4):
+        sig, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + INDEX_PTRS.get(name, dtype)
+            else:
+                sig[name] = "fp32" if name in ("eps", "scale") else "i32"
+            # The launcher specialises 16-divisible pointers and strides the same way.
+            if name.endswith("_ptr") or "stride" in name:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps})
+
+    for dtype in ("bf16", "fp32"):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        build(T._rms_norm_kernel, dtype, {"HAS_RESIDUAL": True, "BLOCK": 4096}, 8)
+        build(T._silu_and_mul_kernel, dtype, {"BLOCK": 1024})
+        build(T._rotary_kernel, dtype, {"HEAD_DIM": 128, "HEADS_PAD": 32, "HALF_PAD": 64})
+        build(T._write_kv_cache_kernel, dtype,
+              {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS_PAD": 8, "HD_PAD": 128})
+        for head_dim in (16, 128):
+            build(T._decode_kernel, dtype,
+                  {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": head_dim, "HD_PAD": head_dim,
+                   "BLOCK_SIZE": 16, "BLOCK_N": 64, "PARTITION_SIZE": 512,
+                   "SINGLE_PARTITION": False, "DOT_PRECISION": precision})
+            block_m, block_n = (32, 32) if dtype == "fp32" else (128, 64)
+            build(T._prefill_kernel, dtype,
+                  {"GROUP": 4, "HEAD_DIM": head_dim, "HD_PAD": head_dim, "BLOCK_SIZE": 16,
+                   "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision}, 8)
+        build(T._decode_merge_kernel, dtype,
+              {"HEAD_DIM": 128, "HD_PAD": 128, "PARTS_PAD": 8, "MERGE_BLOCK": 8,
+               "PARTITION_SIZE": 512})
+""")
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel lowers to a Hopper cubin (Triton ships ptxas; no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]

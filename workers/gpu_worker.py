@@ -1,0 +1,218 @@
+"""The GPU rank: one CUDA device per rank, NCCL for tensor parallelism, Triton kernels
+behind the ``spmd`` ops, KV cache sized from free memory, CUDA graphs for decode.
+
+Ray gives each rank actor one GPU (``num_gpus=1``), so the rank always sees it as
+``cuda:0``. Decode steps whose batch fits the graph ladder replay a captured graph
+(inputs padded to the next captured size: padding rows have ``seq_len == 0`` and KV
+slot -1, so they read and write nothing); prefill, mixed and larger batches run eagerly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from workers.attention import AttentionMetadata
+from workers.input_batch import StepInputs
+from workers.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# NVLink multicast (NVLS) can take a shared host's GPUs out of service: always off.
+_SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                  "NVSHMEM_DISABLE_NVLS": "1"}
+_GRAPH_MEMORY_RESERVE = 512 << 20  # CUDA-graph pool and allocator slack, kept out of the KV cache
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The decode batch sizes captured as CUDA graphs: 1, 2, 4, 8, then every 16 up to
+    ``max_batch_size`` (included). A batch runs in the smallest size that holds it."""
+    if max_batch_size <= 0:
+        return []
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_batch_size}
+    sizes.update(range(16, max_batch_size + 1, 16))
+    sizes.add(max_batch_size)
+    return sorted(sizes)
+
+
+class GPUMixin:
+    """Device part of a CUDA rank."""
+
+    def init_device(self) -> None:
+        os.environ.update(_SAFE_NCCL_ENV)
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device='cuda': rank {self.tp_rank} sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        self.device = torch.device("cuda", 0)
+        self.init_thread()
+        import workers.triton_ops  # noqa: F401  (registers the CUDA kernels of the spmd ops)
+
+        cfg = self.config
+        if cfg.tp_size > 1:
+            dist.init_process_group(
+                "nccl", init_method=cfg.dist_init_method, rank=self.tp_rank,
+                world_size=cfg.tp_size, device_id=self.device,
+                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+            # Creates the communicator now, so the first step (or a graph capture) does not.
+            dist.all_reduce(torch.zeros(1, device=self.device))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def init_thread(self) -> None:
+        # The current CUDA device and OpenMP's thread count are per thread.
+        torch.cuda.set_device(self.device)
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
+
+    # ---- memory -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def determine_num_kv_blocks(self) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` of the card once weights and the
+        activations of the largest step (measured by a profiling forward pass) are counted."""
+        cfg = self.config
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used_before = total - free  # weights, CUDA context, anything else on the card
+        torch.cuda.reset_peak_memory_stats()
+        allocated_before = torch.cuda.memory_allocated()
+        scratch_bytes = self._profile_run()
+        torch.cuda.synchronize()
+        activation_peak = torch.cuda.max_memory_allocated() - allocated_before - scratch_bytes
+        torch.cuda.empty_cache()
+        budget = int(total * cfg.gpu_memory_utilization) - used_before - activation_peak \
+            - _GRAPH_MEMORY_RESERVE
+        block_bytes = self.kv_block_bytes()
+        num_blocks = budget // block_bytes
+        logger.info("rank %d: %.2f GiB total, %.2f GiB in use, %.2f GiB activation peak; "
+                    "KV cache %d blocks (%.2f GiB)", self.tp_rank, total / 2**30,
+                    used_before / 2**30, activation_peak / 2**30, num_blocks,
+                    num_blocks * block_bytes / 2**30)
+        if num_blocks < 1:
+            raise ValueError(
+                f"gpu_memory_utilization={cfg.gpu_memory_utilization}: no room for a KV cache "
+                f"({total / 2**30:.1f} GiB card, {used_before / 2**30:.1f} GiB in use, "
+                f"{activation_peak / 2**30:.2f} GiB activations); raise it or lower "
+                "max_num_batched_tokens")
+        useful = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size) + 1
+        return int(min(num_blocks, useful))
+
+    def _profile_run(self) -> int:
+        """One forward pass of the largest step (``max_num_batched_tokens`` prompt tokens in
+        as few sequences as ``max_model_len`` allows, logits for ``max_num_seqs`` rows) over
+        a scratch cache; returns the scratch cache's bytes."""
+        cfg = self.config
+        dev, bs = self.device, cfg.block_size
+        num_tokens = cfg.max_num_batched_tokens
+        num_seqs = -(-num_tokens // cfg.max_model_len)
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        blocks_per_seq = -(-max(lens) // bs)
+        shape = self.model.kv_cache_shape(num_seqs * blocks_per_seq, bs)
+        caches = [torch.zeros(shape, dtype=self.dtype, device=dev)
+                  for _ in range(self.model.num_layers)]
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=dev),
+                                            torch.tensor(lens, device=dev))
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(np.cumsum([0, *lens]), dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32,
+                                      device=dev).view(num_seqs, blocks_per_seq),
+            slot_mapping=seq_index * blocks_per_seq * bs + positions,
+            max_query_len=max(lens), max_seq_len=max(lens))
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        hidden = self.model(ids, positions, meta, caches)
+        logits = self.model.compute_logits(hidden[:min(cfg.max_num_seqs, num_tokens)])
+        # The sampler's largest temporaries (top-k/top-p sort) scale with the logits.
+        logits.sort(dim=-1)
+        del hidden, logits
+        return sum(c.numel() * c.element_size() for c in caches)
+
+    def initialize_cache(self, num_blocks: int) -> int:
+        super().initialize_cache(num_blocks)
+        self._capture_graphs()
+        return num_blocks
+
+    # ---- CUDA graphs --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        cfg = self.config
+        self.graphs = {}
+        sizes = [] if cfg.enforce_eager else graph_batch_sizes(
+            min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
+        if not sizes:
+            return
+        dev, max_bs = self.device, sizes[-1]
+        self._max_blocks = -(-cfg.max_model_len // cfg.block_size)
+        # Static inputs: one int64 and one int32 buffer, each filled by one host-to-device copy.
+        self._host64 = torch.zeros(3 * max_bs, dtype=torch.int64, pin_memory=True)
+        self._host32 = torch.zeros(max_bs * (1 + self._max_blocks), dtype=torch.int32,
+                                   pin_memory=True)
+        self._dev64 = torch.zeros_like(self._host64, device=dev)
+        self._dev32 = torch.zeros_like(self._host32, device=dev)
+        ids, positions, slots = self._dev64.view(3, max_bs)
+        seq_lens = self._dev32[:max_bs]
+        tables = self._dev32[max_bs:].view(max_bs, self._max_blocks)
+        starts = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        slots.fill_(-1)
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(sizes):  # largest first: smaller graphs reuse its pool
+            meta = AttentionMetadata(query_start_loc=starts[:bs + 1], seq_lens=seq_lens[:bs],
+                                     block_tables=tables[:bs], slot_mapping=slots[:bs],
+                                     max_query_len=1, max_seq_len=cfg.max_model_len)
+
+            def run(bs=bs, meta=meta):
+                hidden = self.model(ids[:bs], positions[:bs], meta, self.kv_caches)
+                return self.model.compute_logits(hidden)
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()  # warm-up outside the graph (allocator, Triton compilation)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = run()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+        self._graph_sizes = np.array(sizes)
+        logger.info("rank %d: captured %d CUDA graphs (batch 1..%d)", self.tp_rank, len(sizes),
+                    max_bs)
+
+    def _compute_logits(self, inputs: StepInputs) -> torch.Tensor:
+        n = len(inputs.rows)
+        if (not self.graphs or len(inputs.input_ids) != n or len(inputs.logits_indices) != n
+                or n > self._graph_sizes[-1]):
+            return super()._compute_logits(inputs)
+        # Pure decode step that fits a graph: pad to the captured size and replay.
+        bs = int(self._graph_sizes[np.searchsorted(self._graph_sizes, n)])
+        max_bs = int(self._graph_sizes[-1])
+        host64 = self._host64.numpy().reshape(3, max_bs)
+        host64[0, :n] = inputs.input_ids
+        host64[1, :n] = inputs.positions
+        host64[2, :n] = inputs.slot_mapping
+        host64[:2, n:bs] = 0
+        host64[2, n:bs] = -1
+        host32 = self._host32.numpy()
+        host32[:n] = inputs.seq_lens
+        host32[n:bs] = 0
+        tables = host32[max_bs:].reshape(max_bs, self._max_blocks)
+        width = inputs.block_tables.shape[1]
+        tables[:n, :width] = inputs.block_tables
+        self._dev64.copy_(self._host64, non_blocking=True)
+        rows32 = max_bs + bs * self._max_blocks  # only the rows this graph reads
+        self._dev32[:rows32].copy_(self._host32[:rows32], non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]
+
+
+class GPUWorker(GPUMixin, Worker):
+    """A rank on one CUDA GPU."""

@@ -32,18 +32,20 @@ def _hf_generate(path: str, prompts: list[list[int]], max_tokens: int):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    model.generation_config.eos_token_id = None  # never stops early, like ignore_eos
     tokens, scores = [], []
     with torch.inference_mode():
         for p in prompts:
-            out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, pad_token_id=0)
+            ids = torch.tensor([p], device="cuda")
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=0)
             tokens.append(out.sequences[0, len(p):].tolist())
             scores.append([s[0].float().cpu() for s in out.scores])
     return tokens, scores
 
 
-def check_tiny(tp_sizes: list[int], max_tokens: int = 24) -> list[dict]:
+def check_tiny(tp_sizes: list[int], max_tokens: int = 24, eager_too: bool = False) -> list[dict]:
     from conftest import mixed_prompts
     from tiny_models import build_variant
     from spmd import LLM, SamplingParams
@@ -55,9 +57,10 @@ def check_tiny(tp_sizes: list[int], max_tokens: int = 24) -> list[dict]:
             path = build_variant(tmp, variant)
             prompts = mixed_prompts(16, 256, seed=1)
             ref, scores = _hf_generate(path, prompts, max_tokens)
-            for tp in tp_sizes:
+            for tp, eager in [(tp, e) for tp in tp_sizes for e in ((False, True) if eager_too else (False,))]:
                 llm = LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp,
-                          skip_tokenizer_init=True, max_model_len=256, gpu_memory_utilization=0.3)
+                          skip_tokenizer_init=True, max_model_len=256, gpu_memory_utilization=0.3,
+                          enforce_eager=eager)
                 try:
                     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                         use_tqdm=False)
@@ -74,6 +77,7 @@ def check_tiny(tp_sizes: list[int], max_tokens: int = 24) -> list[dict]:
                                                top2_gap=float(top2[0] - top2[1])))
                 ok = not mismatches or all(m["top2_gap"] == 0.0 for m in mismatches)
                 rows.append(dict(check="greedy==transformers", variant=variant, tp=tp, dtype="float32",
+                                 cuda_graphs=not eager,
                                  prompts=len(prompts), equal=len(prompts) - len(mismatches),
                                  mismatches=mismatches, steps=steps, ok=ok))
                 print(json.dumps(rows[-1]), flush=True)
@@ -126,6 +130,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--logits", action="store_true")
+    p.add_argument("--eager-too", action="store_true", help="--tiny: also with enforce_eager")
     p.add_argument("--tp", default=None, help="comma list of tp sizes (default: 1, and 2 with 2 GPUs)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
         [1, 2] if torch.cuda.device_count() >= 2 else [1])
     rows = []
     if args.tiny:
-        rows += check_tiny(tps)
+        rows += check_tiny(tps, eager_too=args.eager_too)
     if args.logits:
         rows += check_logits(tps)
     if args.json_out:

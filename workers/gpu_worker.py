@@ -160,7 +160,9 @@ class GPUMixin:
         ids, positions, slots = self._dev64.view(3, max_bs)
         seq_lens = self._dev32[:max_bs]
         tables = self._dev32[max_bs:].view(max_bs, self._max_blocks)
-        starts = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        # A graph reads its inputs at fixed addresses: every input tensor must outlive it
+        # (a freed one is recycled by the allocator and the replay reads garbage).
+        self._starts = starts = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         slots.fill_(-1)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(sizes):  # largest first: smaller graphs reuse its pool

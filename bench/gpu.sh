@@ -2,7 +2,8 @@
 # One whole GPU measurement per call on a lent device machine (see README, Benchmarks).
 #
 #   bash bench/gpu.sh smoke   # kernels vs float64 + opcheck, fp32 tiny parity, a short 7B run
-#   bash bench/gpu.sh tp1     # nvidia-h100-x1: 7B dummy 512/1000 prompts, dag/inproc/ray/hf
+#   bash bench/gpu.sh tp1     # nvidia-h100-x1: fp32 parity; 7B dummy 512 prompts, dag/inproc/ray/hf
+#   bash bench/gpu.sh tp1b    # nvidia-h100-x1: 7B dummy 1000 prompts (dag), profile
 #   bash bench/gpu.sh tp2     # nvidia-h200-x2: parity + logits at tp=1/2, 7B dag/ray at tp=2
 #
 # Needs the carried wheels (.whl, from ../shared/device/make-wheels.sh): Ray and msgspec
@@ -43,7 +44,10 @@ case $mode in
     thru smoke --num-prompts 128 --backends dag
     ;;
   tp1)
+    run parity python3 -m bench.gpu_check --tiny --tp 1 --eager-too --json-out "$OUT/gpu_check_tp1.json"
     thru tp1_512 --num-prompts 512 --backends dag,inproc,ray,hf --hf-batch-size 128
+    ;;
+  tp1b)
     thru tp1_1000 --num-prompts 1000 --backends dag
     run profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
       --batch-size 256 --input-len 256 --steps 5 --trace "$OUT/trace_tp1.json"
@@ -53,6 +57,6 @@ case $mode in
     thru tp2_512 --num-prompts 512 --tp 2 --backends dag,ray
     thru tp2_1000 --num-prompts 1000 --tp 2 --backends dag
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp2)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2)"; exit 2 ;;
 esac
 exit $fail

@@ -44,8 +44,7 @@ case $mode in
     thru smoke --num-prompts 128 --backends dag
     ;;
   tp1)
-    run parity python3 -m bench.gpu_check --tiny --tp 1 --eager-too --json-out "$OUT/gpu_check_tp1.json"
-    thru tp1_512 --num-prompts 512 --backends dag,inproc,ray,hf --hf-batch-size 128
+    thru tp1_512 --num-prompts 512 --backends dag,ray,inproc,hf --hf-batch-size 128
     ;;
   tp1b)
     thru tp1_1000 --num-prompts 1000 --backends dag

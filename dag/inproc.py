@@ -3,6 +3,9 @@ compiled graph's control-plane cost is measured against."""
 
 from __future__ import annotations
 
+import gc
+import sys
+
 from dag.errors import RankFailure, TransportClosed
 from dag.transport import Transport
 
@@ -31,3 +34,8 @@ class InProcTransport(Transport):
     def shutdown(self) -> None:
         self._closed = True
         self.worker = None
+        # The rank lived in this process: hand its device memory back (a later engine or
+        # another library in this process would otherwise find the GPU full).
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            sys.modules["torch"].cuda.empty_cache()

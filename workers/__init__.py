@@ -7,4 +7,12 @@ def worker_class(device: str):
         from workers.cpu_worker import CPUWorker
 
         return CPUWorker
-    raise ValueError(f"device: no worker for {device!r}; available: cpu")
+    if device == "spyre":
+        from workers.spyre_worker import SpyreWorker
+
+        return SpyreWorker
+    if device in ("tpu", "tpu-emulated"):
+        from workers.tpu_worker import TPUWorker
+
+        return TPUWorker
+    raise ValueError(f"device: no worker for {device!r}; available: cpu, spyre, tpu, tpu-emulated")

@@ -119,6 +119,19 @@ class Worker:
             parts.append(f"{seq_id}:{int(self.batch.num_computed[row])}:{toks}")
         return ";".join(parts)
 
+    def num_warmup_steps(self) -> int:
+        """Warm-up units (compiled shapes) the engine runs, one ``warm_up`` call each,
+        before serving; devices that compile nothing ahead of time have none."""
+        return 0
+
+    def warm_up(self, index: int) -> str:
+        """Compiles and runs warm-up unit ``index``; returns what it was, for the report."""
+        raise ValueError(f"index: {index}; this rank has no warm-up steps")
+
+    def num_compiled_graphs(self) -> int:
+        """Graphs this rank compiled so far (0 where nothing is compiled)."""
+        return 0
+
     def raise_error(self, message: str) -> None:
         """Test hook: this rank raises (the engine must name it)."""
         raise RuntimeError(message)
@@ -196,4 +209,5 @@ class Worker:
 
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
-          "batch_digest", "raise_error", "sleep"}
+          "batch_digest", "raise_error", "sleep", "num_warmup_steps", "warm_up",
+          "num_compiled_graphs"}

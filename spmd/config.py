@@ -141,11 +141,14 @@ class EngineConfig:
                f"only device='spyre' serves warm-up shapes, got device={dev.device!r}")
         _check(dev.device != "spyre" or dev.warmup_shapes is not None, "warmup_shapes",
                "device='spyre' needs at least one (prompt_len, max_new_tokens, batch_size)")
-        limit = self.model.max_model_len
-        for prompt_len, max_new, _ in dev.warmup_shapes or ():
-            _check(limit is None or prompt_len + max_new <= limit, "warmup_shapes",
+        if self.model.max_model_len is not None:
+            self.check_warmup_shapes_fit(self.model.max_model_len)
+
+    def check_warmup_shapes_fit(self, max_model_len: int) -> None:
+        for prompt_len, max_new, _ in self.device.warmup_shapes or ():
+            _check(prompt_len + max_new <= max_model_len, "warmup_shapes",
                    f"({prompt_len}, {max_new}, ...) needs {prompt_len + max_new} tokens of context; "
-                   f"max_model_len={limit}")
+                   f"max_model_len={max_model_len}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

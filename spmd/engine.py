@@ -46,6 +46,7 @@ class Engine:
         get_model_class(self.hf_config)  # unknown architecture: ValueError before any actor starts
         validate_tp(self.hf_config, config.parallel.tensor_parallel_size)
         self.max_model_len = _max_model_len(self.hf_config, config.model.max_model_len)
+        config.check_warmup_shapes_fit(self.max_model_len)
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
             from spmd.tokenizer import load_tokenizer

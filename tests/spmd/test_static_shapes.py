@@ -135,3 +135,10 @@ def test_spyre_device_backend_without_its_package_is_a_clear_error(tiny_dir):
     with pytest.raises(RuntimeError, match="compile_backend='sendnn' needs the torch_sendnn package"):
         LLM(tiny_dir("llama"), device="spyre", warmup_shapes=SHAPES, compile_backend="sendnn",
             skip_tokenizer_init=True, max_model_len=256, backend="inproc")
+
+
+def test_a_shape_longer_than_the_model_fails_before_any_rank_starts(tiny_dir):
+    # max_model_len left out: the limit is the model's max_position_embeddings (256).
+    with pytest.raises(ValueError, match=r"warmup_shapes: \(200, 100, \.\.\.\) needs 300 .*=256"):
+        LLM(tiny_dir("llama"), device="spyre", warmup_shapes="200,100,1", skip_tokenizer_init=True,
+            backend="inproc")

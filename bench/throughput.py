@@ -10,6 +10,10 @@ taken side by side are the ones to compare. ``hf`` is Hugging Face transformers
 ``generate`` on the same model, all prompts in one left-padded batch (or batches
 of ``--hf-batch-size``). Every backend counts the same tokens: each prompt's
 tokens plus the output tokens that request asked for.
+
+Static-shape mode (``--device spyre --warmup-shapes 256,128,8``, or ``--device
+tpu-emulated``) is compared with the default engine on the same prompts by
+``--devices cpu,spyre``; the warm-up (compile) time of each shape is reported.
 """
 
 from __future__ import annotations
@@ -55,12 +59,14 @@ class Result:
     num_requests: int
     num_prompt_tokens: int
     num_output_tokens: int
+    warmup_s: dict[str, float] | None = None  # static-shape devices: compile + first run, per shape
     extra: dict = dataclasses.field(default_factory=dict)  # engine: steps, overhead, NaN count
 
     def summary(self) -> dict:
         return dict(
             **self.extra,
             backend=self.backend, startup_s=round(self.startup_s, 3),
+            warmup_s={k: round(v, 2) for k, v in self.warmup_s.items()} if self.warmup_s else None,
             elapsed_s=round(self.elapsed_s, 3),
             requests_per_s=round(self.num_requests / self.elapsed_s, 4),
             total_tokens_per_s=round((self.num_prompt_tokens + self.num_output_tokens) / self.elapsed_s, 2),
@@ -85,7 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed", action="store_true",
                    help="input length and max_tokens each uniform in %d..%d per request" % MIXED_RANGE)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", help="cpu | cuda | spyre | tpu | tpu-emulated (hf: a torch device)")
+    p.add_argument("--devices", default=None,
+                   help="comma list of engine devices run side by side on the same prompts "
+                        "(overrides --device for the engine backends); ratios are to the first")
+    p.add_argument("--warmup-shapes", nargs="+", default=None, metavar="P,M,B",
+                   help="spyre: prompt_len,max_new_tokens,batch_size of each compiled shape")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="spyre, tpu-emulated: torch.compile backend (inductor | eager | sendnn)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -101,11 +114,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in (args.backends or args.backend).split(",") if b.strip()]
+    args.devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     if "inproc" in args.backends and args.tp != 1:
         p.error(f"--backends: 'inproc' runs --tp 1 only, got --tp {args.tp}")
+    if "spyre" in args.devices and not args.warmup_shapes:
+        p.error("--warmup-shapes: --device spyre needs at least one P,M,B shape")
+    if "hf" in args.backends and args.device in ("spyre", "tpu", "tpu-emulated"):
+        p.error(f"--backends: hf runs on a torch device, not {args.device!r}; compare engine "
+                "devices with --devices cpu,spyre")
     if is_preset(args.model) and args.load_format != "dummy":
         p.error(f"--model: preset {args.model!r} has no weights; add --load-format dummy")
     for name in ("num_prompts", "input_len", "output_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -140,12 +159,14 @@ def check_fits(workload: Workload, max_model_len: int) -> None:
 
 # ---- backends -----------------------------------------------------------------------------
 
-def run_engine(backend: str, model_path: str, workload: Workload, args) -> Result:
+def run_engine(backend: str, device: str, model_path: str, workload: Workload, args) -> Result:
     from spmd import LLM, SamplingParams
 
+    static = dict(warmup_shapes=";".join(args.warmup_shapes) if device == "spyre" else None,
+                  compile_backend=args.compile_backend)
     t0 = time.perf_counter()
     llm = LLM(model_path, tensor_parallel_size=args.tp, backend=backend, load_format=args.load_format,
-              dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              dtype=args.dtype, device=device, **static, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
               skip_tokenizer_init=not _has_tokenizer(model_path),
@@ -162,14 +183,16 @@ def run_engine(backend: str, model_path: str, workload: Workload, args) -> Resul
         extra = dict(step_stats(steps), num_kv_blocks=llm.engine.num_kv_blocks,
                      preemptions=llm.engine.stats_total["preemptions"],
                      nonfinite_steps=max(llm.engine.call_all("nonfinite_steps")))
+        warmup_s = llm.engine.warmup_times_s
     finally:
         llm.shutdown()
+    label = backend if device == "cpu" else f"{backend}:{device}"
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != workload.num_output_tokens:
-        print(f"warning: {backend} generated {generated} tokens, {workload.num_output_tokens} requested",
+        print(f"warning: {label} generated {generated} tokens, {workload.num_output_tokens} requested",
               file=sys.stderr)
-    return Result(backend, startup_s, elapsed_s, len(outputs), workload.num_prompt_tokens,
-                  workload.num_output_tokens, extra)
+    return Result(label, startup_s, elapsed_s, len(outputs), workload.num_prompt_tokens,
+                  workload.num_output_tokens, warmup_s or None, extra)
 
 
 def _record_steps(engine) -> list[dict]:
@@ -329,12 +352,12 @@ def _git_commit() -> str | None:
 
 def print_table(results: list[dict]) -> None:
     base = results[0]["output_tokens_per_s"]
-    header = f"{'backend':<8} {'startup s':>9} {'elapsed s':>9} {'req/s':>8} {'total tok/s':>11} " \
+    header = f"{'backend':<16} {'startup s':>9} {'elapsed s':>9} {'req/s':>8} {'total tok/s':>11} " \
              f"{'out tok/s':>10} {'× ' + results[0]['backend']:>8}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['backend']:<8} {r['startup_s']:>9.1f} {r['elapsed_s']:>9.2f} {r['requests_per_s']:>8.2f} "
+        print(f"{r['backend']:<16} {r['startup_s']:>9.1f} {r['elapsed_s']:>9.2f} {r['requests_per_s']:>8.2f} "
               f"{r['total_tokens_per_s']:>11.1f} {r['output_tokens_per_s']:>10.1f} "
               f"{r['output_tokens_per_s'] / base:>8.2f}")
 
@@ -357,16 +380,20 @@ def main(argv=None) -> dict:
     ray_was_up = ray.is_initialized()
     results = []
     try:
-        for backend in args.backends:
+        runs = [(b, d) for d in args.devices for b in args.backends if b != "hf"]
+        runs += [("hf", args.device)] if "hf" in args.backends else []
+        for backend, device in runs:
             if backend == "hf":
                 result = run_hf(model_path, workload, args)
             else:
-                result = run_engine(backend, model_path, workload, args)
+                result = run_engine(backend, device, model_path, workload, args)
             results.append(result.summary())
             r = results[-1]
             print(f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} "
                   f"total tokens/s, {r['output_tokens_per_s']:.2f} output tokens/s "
-                  f"(backend={backend}, startup {r['startup_s']:.1f} s)", flush=True)
+                  f"(backend={r['backend']}, startup {r['startup_s']:.1f} s)", flush=True)
+            for shape, seconds in (r["warmup_s"] or {}).items():
+                print(f"  warm-up {shape}: {seconds:.1f} s", flush=True)
             if "decode_overhead_ms" in r:
                 print(f"  {r['steps']} steps, {r['preemptions']} preemptions, NaN/Inf steps "
                       f"{r['nonfinite_steps']}; decode at batch ~{r['max_decode_batch']}: step "
@@ -381,7 +408,8 @@ def main(argv=None) -> dict:
     for r in results:
         r["ratio_vs_first"] = round(r["output_tokens_per_s"] / base, 4)
     record = dict(
-        results[0], backends=args.backends, tp=args.tp, model=args.model, load_format=args.load_format,
+        results[0], backends=args.backends, devices=args.devices,
+        warmup_shapes=args.warmup_shapes, compile_backend=args.compile_backend, tp=args.tp, model=args.model, load_format=args.load_format,
         dtype=_dtype_name(args.dtype, args.device), num_prompts=args.num_prompts,
         input_len=None if args.mixed else args.input_len,
         output_len=None if args.mixed else args.output_len, mixed=args.mixed,

@@ -24,6 +24,8 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     device: str = "cpu"
+    warmup_shapes: list[tuple[int, int, int]] = []  # spyre: (prompt_len, max_new_tokens, batch_size)
+    compile_backend: str = "inductor"  # spyre, tpu-emulated: the torch.compile backend
     seed: int = 0  # dummy weights
     dist_init_method: str = ""  # tcp://127.0.0.1:PORT for tp > 1
     dist_timeout_s: float = 120.0  # a collective that waits longer fails instead of hanging

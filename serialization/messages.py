@@ -87,7 +87,9 @@ class ExecuteModelRequest(msgspec.Struct, frozen=True, array_like=True, gc=False
     ``num_scheduled_tokens[i]`` tokens starting at that request's
     ``num_computed_tokens`` (which every rank tracks). A request that reaches the
     end of its known tokens samples one; a partial prefill chunk samples none.
-    Finished and preempted ids are applied before anything else.
+    Finished and preempted ids are applied before anything else. Under static
+    batching (warm-up shapes), a step that starts a batch names its shape by index
+    into ``RankConfig.warmup_shapes``; every other step leaves it at -1.
     """
 
     step_id: int
@@ -98,6 +100,7 @@ class ExecuteModelRequest(msgspec.Struct, frozen=True, array_like=True, gc=False
     resumed: list[ResumedRequest] = []
     finished_ids: bytes = b""  # int32
     preempted_ids: bytes = b""  # int32
+    shape_index: int = -1
 
 
 class SamplerOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):

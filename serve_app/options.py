@@ -110,6 +110,8 @@ def _as(kind: type, value):
         return kind(value) if isinstance(value, (str, int, float)) else _fail(value)
     if kind is str:
         return value if isinstance(value, str) else _fail(value)
+    if typing.get_origin(kind) is tuple:  # warmup_shapes from YAML: a list of triples
+        return value if isinstance(value, (list, tuple)) else _fail(value)
     if kind is dict:
         value = json.loads(value) if isinstance(value, str) else value
         return value if isinstance(value, dict) else _fail(value)

@@ -66,12 +66,42 @@ class SchedulerConfig:
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "spyre", "tpu", "tpu-emulated")
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | spyre | tpu | tpu-emulated (the TPU path on the CPU, for tests)
+    # spyre: the only shapes served, each (prompt_len, max_new_tokens, batch_size);
+    # "64,16,4;128,32,8" or a list of triples. Selects the static batching scheduler.
+    warmup_shapes: tuple[tuple[int, int, int], ...] | str | None = None
+    compile_backend: str = "inductor"  # torch.compile backend of spyre and tpu-emulated
+
+    def __post_init__(self):
+        object.__setattr__(self, "warmup_shapes", parse_warmup_shapes(self.warmup_shapes))
+
+
+def parse_warmup_shapes(value) -> tuple[tuple[int, int, int], ...] | None:
+    """``"64,16,4;128,32,8"`` (or ``[(64, 16, 4), ...]``) → sorted, de-duplicated triples."""
+    if value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0):
+        return None
+    items = value.replace(" ", ";").split(";") if isinstance(value, str) else value
+    shapes = set()
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip():
+                continue
+            item = item.split(",")
+        try:
+            shape = tuple(int(x) for x in item)
+        except (TypeError, ValueError):
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"warmup_shapes: {item!r} is not (prompt_len, max_new_tokens, "
+                             "batch_size) of positive ints")
+        shapes.add(shape)
+    return tuple(sorted(shapes))
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,24 @@ class EngineConfig:
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")
         _check(self.scheduler.cuda_graph_max_batch_size >= 0, "cuda_graph_max_batch_size",
                "must be >= 0")
+        self._check_static_shapes()
+
+    def _check_static_shapes(self) -> None:
+        dev = self.device
+        _check(dev.compile_backend in COMPILE_BACKENDS, "compile_backend",
+               f"must be one of {', '.join(COMPILE_BACKENDS)}, got {dev.compile_backend!r}")
+        _check(dev.device == "spyre" or dev.warmup_shapes is None, "warmup_shapes",
+               f"only device='spyre' serves warm-up shapes, got device={dev.device!r}")
+        _check(dev.device != "spyre" or dev.warmup_shapes is not None, "warmup_shapes",
+               "device='spyre' needs at least one (prompt_len, max_new_tokens, batch_size)")
+        if self.model.max_model_len is not None:
+            self.check_warmup_shapes_fit(self.model.max_model_len)
+
+    def check_warmup_shapes_fit(self, max_model_len: int) -> None:
+        for prompt_len, max_new, _ in self.device.warmup_shapes or ():
+            _check(prompt_len + max_new <= max_model_len, "warmup_shapes",
+                   f"({prompt_len}, {max_new}, ...) needs {prompt_len + max_new} tokens of context; "
+                   f"max_model_len={max_model_len}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -124,7 +172,12 @@ class EngineConfig:
     def dtype(self) -> str:
         if self.model.dtype != "auto":
             return self.model.dtype
-        return "float32" if self.device.device == "cpu" else "bfloat16"
+        dev = self.device
+        on_cpu = dev.device in ("cpu", "tpu-emulated") or (
+            dev.device == "spyre" and dev.compile_backend != "sendnn")
+        if on_cpu:
+            return "float32"
+        return "float16" if dev.device == "spyre" else "bfloat16"
 
     def rank_config(self, max_model_len: int) -> RankConfig:
         tp = self.parallel.tensor_parallel_size
@@ -141,6 +194,8 @@ class EngineConfig:
             max_num_seqs=self.scheduler.max_num_seqs,
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             device=self.device.device,
+            warmup_shapes=list(self.device.warmup_shapes or ()),
+            compile_backend=self.device.compile_backend,
             seed=self.model.seed,
             num_threads=threads,
             dist_timeout_s=self.parallel.step_timeout_s,

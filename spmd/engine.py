@@ -9,6 +9,7 @@ import random
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 import ray
 
@@ -26,6 +27,7 @@ from spmd.outputs import RequestOutput
 from spmd.request import Request
 from spmd.sampling_params import SamplingParams
 from spmd.scheduler import Scheduler
+from spmd.static_scheduler import StaticBatchScheduler
 from spmd.step_encoder import to_message
 from workers import worker_class
 from workers.model_loader import load_hf_config, validate_tp
@@ -44,6 +46,7 @@ class Engine:
         get_model_class(self.hf_config)  # unknown architecture: ValueError before any actor starts
         validate_tp(self.hf_config, config.parallel.tensor_parallel_size)
         self.max_model_len = _max_model_len(self.hf_config, config.model.max_model_len)
+        config.check_warmup_shapes_fit(self.max_model_len)
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
             from spmd.tokenizer import load_tokenizer
@@ -61,15 +64,20 @@ class Engine:
         try:
             self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
             self.call_all("initialize_cache", self.num_kv_blocks)
+            self.warmup_times_s = self._warm_up()
         except BaseException:
             self.transport.shutdown()
             raise
-        self.scheduler = Scheduler(
-            num_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=config.cache.enable_prefix_caching)
+        if config.device.warmup_shapes:
+            self.scheduler = StaticBatchScheduler(warmup_shapes=config.device.warmup_shapes,
+                                                  max_model_len=self.max_model_len)
+        else:
+            self.scheduler = Scheduler(
+                num_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
+                max_num_seqs=config.scheduler.max_num_seqs,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.cache.enable_prefix_caching)
         self.outputs = OutputProcessor(self.tokenizer, stream=stream_outputs)
         self._rng = random.Random(config.model.seed)
         self._next_seq_id = 0
@@ -111,8 +119,12 @@ class Engine:
                 prompt_ids, max_tokens, stop_ids, params.min_tokens,
                 sampling=_options(params, seed), arrival_time=arrival_time))
         self.outputs.add(request_id, text, prompt_ids, params, children)
-        for child in children:
-            self.scheduler.add_request(child)
+        try:
+            for child in children:
+                self.scheduler.add_request(child)
+        except BaseException:  # e.g. static batching: fits no warm-up shape
+            self.abort_request(request_id)
+            raise
 
     def abort_request(self, request_id: str) -> None:
         for child in self.outputs.abort(request_id):
@@ -161,6 +173,19 @@ class Engine:
         if last_s < 2e-3 or last_tokens == 0:
             return 0.0
         return 0.97 * last_s * min(1.0, num_tokens / last_tokens)
+
+    def _warm_up(self) -> dict[str, float]:
+        """Runs every rank's warm-up units (compiled shapes) before serving, so that
+        nothing compiles while serving; returns each unit's wall time."""
+        times: dict[str, float] = {}
+        num_steps = self.call_all("num_warmup_steps")[0]
+        for index in tqdm(range(num_steps), desc="Warming up shapes", unit="shape",
+                          disable=num_steps == 0):
+            t0 = time.perf_counter()
+            label = self.call_all("warm_up", index)[0]
+            times[label] = time.perf_counter() - t0
+            logger.info("warm-up %s: %.1f s", label, times[label])
+        return times
 
     def park(self) -> None:
         """Nothing to run: the ranks sleep (instead of spinning on their channel)

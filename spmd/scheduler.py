@@ -30,6 +30,7 @@ class SchedulerOutput:
     preempted_ids: list[int]  # preempted in this step
     total_num_scheduled_tokens: int
     scheduled_requests: list[Request] = field(default_factory=list, repr=False)  # parallel to scheduled
+    shape_index: int = -1  # static batching: the warm-up shape a new batch runs in
 
     @property
     def is_empty(self) -> bool:

@@ -24,4 +24,5 @@ def to_message(out: SchedulerOutput) -> ExecuteModelRequest:
                  for r in out.resumed],
         finished_ids=pack_i32(out.finished_ids),
         preempted_ids=pack_i32(out.preempted_ids),
+        shape_index=out.shape_index,
     )

@@ -11,4 +11,12 @@ def worker_class(device: str):
         from workers.gpu_worker import GPUWorker
 
         return GPUWorker
-    raise ValueError(f"device: no worker for {device!r}; available: cpu, cuda")
+    if device == "spyre":
+        from workers.spyre_worker import SpyreWorker
+
+        return SpyreWorker
+    if device in ("tpu", "tpu-emulated"):
+        from workers.tpu_worker import TPUWorker
+
+        return TPUWorker
+    raise ValueError(f"device: no worker for {device!r}; available: cpu, cuda, spyre, tpu, tpu-emulated")

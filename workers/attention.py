@@ -1,4 +1,5 @@
-"""Paged attention over a flattened, mixed prefill/decode batch."""
+"""Attention over the KV cache: paged, over a flattened mixed prefill/decode batch
+(continuous batching), or contiguous, over a padded static batch (warm-up shapes)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,22 @@ class AttentionMetadata:
     max_seq_len: int
 
 
+@dataclass
+class StaticAttentionMetadata:
+    """A padded ``[B, T]`` batch over a contiguous per-batch cache of ``L`` slots
+    (static shapes only: nothing here varies between steps of one shape but values).
+
+    Every row writes its ``T`` keys/values at cache slots ``slots``; query ``t`` of
+    row ``b`` attends to slot ``s`` where ``mask[b, 0, t, s]``. Left padding and
+    padded rows are masked out; each padding query still sees its own slot, so no
+    softmax row is empty (its output is discarded).
+    """
+
+    slots: torch.Tensor  # [T] int64
+    mask: torch.Tensor  # [B, 1, T, L] bool
+    max_seq_len: int  # L
+
+
 class Attention(nn.Module):
     """Writes this step's keys/values into the paged cache, then attends over it."""
 
@@ -41,7 +58,10 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """``q [T, nh*hd]``, ``k, v [T, nkv*hd]``, ``kv_cache [2, blocks, block_size, nkv, hd]``."""
+        """``q [T, nh*hd]``, ``k, v [T, nkv*hd]``, ``kv_cache [2, blocks, block_size, nkv, hd]``
+        (static batches: ``kv_cache [2, B, L, nkv, hd]`` and ``T = B * T_row``)."""
+        if isinstance(meta, StaticAttentionMetadata):
+            return self._static(q, k, v, kv_cache, meta)
         num_tokens = q.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -51,3 +71,18 @@ class Attention(nn.Module):
                                   meta.query_start_loc, meta.max_query_len, meta.max_seq_len,
                                   self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: StaticAttentionMetadata) -> torch.Tensor:
+        # Plain tensor ops with static shapes: what a compiling backend (Spyre, XLA) traces.
+        batch, _, num_queries, _ = meta.mask.shape
+        q = q.view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, num_queries, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, num_queries, self.num_kv_heads, self.head_dim)
+        kv_cache[0].index_copy_(1, meta.slots, k.to(kv_cache.dtype))
+        kv_cache[1].index_copy_(1, meta.slots, v.to(kv_cache.dtype))
+        keys = kv_cache[0].transpose(1, 2).to(q.dtype)
+        values = kv_cache[1].transpose(1, 2).to(q.dtype)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=meta.mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch * num_queries, self.num_heads * self.head_dim)

@@ -150,6 +150,18 @@ class Worker:
         hidden = self.model(torch.from_numpy(ids).to(dev), torch.arange(n, device=dev), meta,
                             caches)
         return self.model.compute_logits(hidden[n - last:]).cpu().numpy().tobytes()
+    def num_warmup_steps(self) -> int:
+        """Warm-up units (compiled shapes) the engine runs, one ``warm_up`` call each,
+        before serving; devices that compile nothing ahead of time have none."""
+        return 0
+
+    def warm_up(self, index: int) -> str:
+        """Compiles and runs warm-up unit ``index``; returns what it was, for the report."""
+        raise ValueError(f"index: {index}; this rank has no warm-up steps")
+
+    def num_compiled_graphs(self) -> int:
+        """Graphs this rank compiled so far (0 where nothing is compiled)."""
+        return 0
 
     def raise_error(self, message: str) -> None:
         """Test hook: this rank raises (the engine must name it)."""
@@ -243,4 +255,5 @@ class Worker:
 
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
-          "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep"}
+          "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
+          "num_warmup_steps", "warm_up", "num_compiled_graphs"}

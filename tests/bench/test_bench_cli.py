@@ -80,3 +80,25 @@ def test_step_overhead_delta_full_and_engine(tmp_path, ray_cluster, capsys):
         # the delta never carries the 40-token histories; the full re-send does
         assert r["delta"]["bytes"] < 40 * 4 < r["full"]["bytes"] / r["batch_size"]
     assert [r["batch_size"] for r in printed["engine"]] == [1, 4]
+
+
+@pytest.mark.slow
+def test_throughput_static_shape_devices_beside_the_default_engine(tmp_path, capsys):
+    from bench import throughput
+
+    model = build_tiny(tmp_path, "llama")
+    record = throughput.main(["--model", model, "--backend", "inproc", "--num-prompts", "5",
+                              "--input-len", "8", "--output-len", "4",
+                              "--devices", "cpu,spyre,tpu-emulated", "--warmup-shapes", "8,4,2",
+                              "16,4,4", "--compile-backend", "eager",
+                              "--max-num-batched-tokens", "32", "--max-num-seqs", "8"])
+    out, printed = _printed_record(capsys)
+    assert printed == record and out.count("Throughput: ") == 3
+    results = printed["results"]
+    assert [r["backend"] for r in results] == ["inproc", "inproc:spyre", "inproc:tpu-emulated"]
+    assert results[0]["warmup_s"] is None
+    assert list(results[1]["warmup_s"]) == ["prompt_len=8,max_new_tokens=4,batch_size=2",
+                                            "prompt_len=16,max_new_tokens=4,batch_size=4"]
+    assert list(results[2]["warmup_s"]) == ["num_tokens=16,num_seqs=8", "num_tokens=32,num_seqs=8"]
+    assert all(r["output_tokens_per_s"] > 0 for r in results)
+    assert "warm-up prompt_len=8,max_new_tokens=4,batch_size=2" in out

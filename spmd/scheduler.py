@@ -37,7 +37,67 @@ class SchedulerOutput:
         return not self.scheduled
 
 
-class Scheduler:
+class RequestQueues:
+    """Request bookkeeping shared by the schedulers: ``requests`` by id, the ``waiting``
+    queue, the ``running`` list, and the seq ids finished since the last step. A subclass
+    holds ``max_model_len``."""
+
+    max_model_len: int
+    requests: dict[str, Request]
+    waiting: deque[Request]
+    running: list[Request]
+    _finished_ids: list[int]
+
+    def abort_request(self, request_id: str) -> None:
+        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Finishes a request outside a step (abort, stop string); unknown ids are ignored."""
+        assert status.is_finished
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._free_request(req, status)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_pending_frees(self) -> bool:
+        """Finished requests the ranks still hold (sent with the next step)."""
+        return bool(self._finished_ids)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _free_request(self, req: Request, status: RequestStatus) -> None:
+        """Releases a request that is in neither queue any more."""
+        if req.status is not RequestStatus.WAITING:  # the ranks know it
+            self._finished_ids.append(req.seq_id)
+        req.status = status
+        del self.requests[req.request_id]
+
+    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
+        num_output = len(req.output_token_ids)
+        if token_id in req.stop_token_ids and num_output >= req.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+
+class Scheduler(RequestQueues):
     def __init__(
         self,
         *,
@@ -83,39 +143,6 @@ class Scheduler:
         self._hash_full_blocks(req)
         self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    def abort_request(self, request_id: str) -> None:
-        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-
-    def finish_request(self, request_id: str, status: RequestStatus) -> None:
-        """Finishes a request outside a step (abort, stop string); unknown ids are ignored."""
-        assert status.is_finished
-        req = self.requests.get(request_id)
-        if req is None:
-            return
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self._free_request(req, status)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
-
-    def has_pending_frees(self) -> bool:
-        """Finished requests the ranks still hold (sent with the next step)."""
-        return bool(self._finished_ids)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     @property
     def kv_usage(self) -> float:
@@ -270,21 +297,9 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _free_request(self, req: Request, status: RequestStatus) -> None:
-        """Releases a request that is in neither queue any more."""
-        if req.status is not RequestStatus.WAITING:  # the ranks know it
-            self._finished_ids.append(req.seq_id)
         self.block_pool.free(req.block_ids)
         req.block_ids = []
-        req.status = status
-        del self.requests[req.request_id]
-
-    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
-        num_output = len(req.output_token_ids)
-        if token_id in req.stop_token_ids and num_output >= req.min_tokens:
-            return RequestStatus.FINISHED_STOPPED
-        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        super()._free_request(req, status)
 
     def _hash_full_blocks(self, req: Request) -> None:
         """Extends ``req.block_hashes`` over blocks its tokens newly fill."""

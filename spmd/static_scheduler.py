@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections import deque
 
 from spmd.request import Request, RequestStatus
-from spmd.scheduler import SchedulerOutput
+from spmd.scheduler import RequestQueues, SchedulerOutput
 
 Shape = tuple[int, int, int]  # (prompt_len, max_new_tokens, batch_size)
 
 
-class StaticBatchScheduler:
+class StaticBatchScheduler(RequestQueues):
     def __init__(self, *, warmup_shapes: list[Shape] | tuple[Shape, ...], max_model_len: int) -> None:
         if not warmup_shapes:
             raise ValueError("warmup_shapes: static batching needs at least one shape")
@@ -49,38 +49,6 @@ class StaticBatchScheduler:
                 f"batch_size): {self.shapes}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    def abort_request(self, request_id: str) -> None:
-        self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-
-    def finish_request(self, request_id: str, status: RequestStatus) -> None:
-        """Finishes a request outside a step (abort, stop string); unknown ids are ignored."""
-        assert status.is_finished
-        req = self.requests.get(request_id)
-        if req is None:
-            return
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self._free_request(req, status)
-
-    def get_request(self, request_id: str) -> Request | None:
-        return self.requests.get(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
-
-    def has_pending_frees(self) -> bool:
-        return bool(self._finished_ids)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
 
     @property
     def kv_usage(self) -> float:
@@ -160,16 +128,3 @@ class StaticBatchScheduler:
         assert best is not None, f"{head} fits no shape (add_request checks)"
         return best[1], best[2]
 
-    def _free_request(self, req: Request, status: RequestStatus) -> None:
-        if req.status is not RequestStatus.WAITING:  # the ranks know it
-            self._finished_ids.append(req.seq_id)
-        req.status = status
-        del self.requests[req.request_id]
-
-    def _check_stop(self, req: Request, token_id: int) -> RequestStatus | None:
-        num_output = len(req.output_token_ids)
-        if token_id in req.stop_token_ids and num_output >= req.min_tokens:
-            return RequestStatus.FINISHED_STOPPED
-        if num_output >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None

@@ -126,10 +126,37 @@ def check_logits(tp_sizes: list[int], num_prompts: int = 2, prompt_len: int = 25
     return rows
 
 
+def check_hf_bf16_drift(num_prompts: int = 2, prompt_len: int = 256, last: int = 32) -> list[dict]:
+    """The same comparison for transformers alone: a randomly initialised Llama-2-7B shape
+    (its own N(0, 0.02) init, rounded to bf16), prefill logits in bf16 vs float32. Tells
+    whether the engine's bf16 drift is bf16's own on random weights."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.presets import materialize
+    from workers.model_loader import load_hf_config
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(load_hf_config(materialize("llama2-7b")),
+                                                 dtype=torch.bfloat16).eval()
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(0, 32000, (num_prompts, prompt_len)), device="cuda")
+    with torch.inference_mode():
+        bf16 = model(ids).logits[:, -last:].double()
+        fp32 = model.float()(ids).logits[:, -last:].double()
+    rel = float((bf16 - fp32).norm() / fp32.norm())
+    row = dict(check="transformers bf16 vs fp32 prefill logits", rel_vs_fp32=rel,
+               finite=bool(torch.isfinite(bf16).all()), ok=True)
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--logits", action="store_true")
+    p.add_argument("--hf-drift", action="store_true",
+                   help="transformers alone: bf16 vs fp32 logits on a random 7B shape")
     p.add_argument("--eager-too", action="store_true", help="--tiny: also with enforce_eager")
     p.add_argument("--tp", default=None, help="comma list of tp sizes (default: 1, and 2 with 2 GPUs)")
     p.add_argument("--json-out", default=None)
@@ -144,6 +171,8 @@ def main(argv=None) -> int:
         rows += check_tiny(tps, eager_too=args.eager_too)
     if args.logits:
         rows += check_logits(tps)
+    if args.hf_drift:
+        rows += check_hf_bf16_drift()
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -124,11 +124,11 @@ class SpyreMixin(CPUMixin):
         if not msg.scheduled_seq_ids:
             return SamplerOutput(step_id=msg.step_id)
         seq_ids = unpack_i32(msg.scheduled_seq_ids).tolist()
+        t_model = time.perf_counter()  # model time: the forward pass and sampling, as in Worker
         if msg.shape_index >= 0:
             logits = self._prefill(msg.shape_index, seq_ids)
         else:
             logits = self._decode()
-        t_model = time.perf_counter()
         row_of = {s: b for b, s in enumerate(self.static_batch.seq_ids)}
         rows = np.array([self.batch.states[s].row for s in seq_ids], dtype=np.int64)
         empty = np.zeros(0, dtype=np.int64)

@@ -45,8 +45,6 @@ from spmd.async_engine import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
-_HEALTH_TIMEOUT_S = 20.0
-
 fastapi_app = FastAPI(title="spmd-serve", docs_url=None, redoc_url=None)
 install_handlers(fastapi_app)
 
@@ -91,7 +89,10 @@ class LLMServer:
 
     @fastapi_app.get("/health")
     async def health(self):
-        await self.check_health()
+        try:
+            self.engine.check_health()
+        except EngineDeadError as e:
+            return APIError(503, f"engine unhealthy: {e}").response()
         return Response(status_code=200)
 
     @fastapi_app.get("/metrics")
@@ -99,11 +100,13 @@ class LLMServer:
         return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self) -> None:
-        """Every rank answers a broadcast ping (also Serve's replica health check)."""
+        """Serve's replica health check: answered from the engine core's last heartbeat,
+        never by waiting behind a step. Raises a plain ``RuntimeError`` (Serve's
+        controller must be able to unpickle it)."""
         try:
-            await asyncio.wait_for(self.engine.call_all("ping"), timeout=_HEALTH_TIMEOUT_S)
-        except Exception as e:
-            raise APIError(503, f"engine unhealthy: {type(e).__name__}: {e}") from None
+            self.engine.check_health()
+        except EngineDeadError as e:
+            raise RuntimeError(f"engine unhealthy: {e}") from None
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -179,7 +182,7 @@ class LLMServer:
                     index=d.index, text=text, logprobs=logprobs, finish_reason=d.finish_reason,
                     stop_reason=d.stop_reason)])
         if req.include_usage:
-            yield CompletionResponse(**head, choices=[], usage=usage(deltas.finals))
+            yield CompletionResponse(**head, choices=[], usage=deltas.usage())
 
     async def _chat(self, request: Request) -> Response:
         req = self._parse(ChatCompletionRequest, await self._read_json(request))
@@ -213,7 +216,7 @@ class LLMServer:
                     index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
                     finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
         if req.include_usage:
-            yield ChatCompletionChunk(**head, choices=[], usage=usage(deltas.finals))
+            yield ChatCompletionChunk(**head, choices=[], usage=deltas.usage())
 
     # ---- request helpers ------------------------------------------------------------
 

@@ -53,32 +53,38 @@ class ServerMetrics:
 
 
 class RequestTimer:
-    """Latencies and token counts of one engine request, from the outputs it streams."""
+    """Latencies and token counts of one engine request, from the deltas it streams."""
 
     def __init__(self, metrics: ServerMetrics, start: float):
         self.metrics = metrics
         self.start = start  # time.perf_counter() when the HTTP request arrived
         self.first_token_at: float | None = None
-        self.last: RequestOutput | None = None
+        self.prompt_tokens = 0
+        self.tokens: dict[int, int] = {}  # completion index -> tokens so far
+        self.seen = False
+        self.finished = False
 
     def observe(self, out: RequestOutput) -> None:
-        if self.first_token_at is None and any(c.token_ids for c in out.outputs):
+        self.seen = True
+        self.prompt_tokens = len(out.prompt_token_ids)
+        for c in out.outputs:
+            self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
+        if self.first_token_at is None and any(self.tokens.values()):
             self.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(self.first_token_at - self.start)
-        self.last = out
+        self.finished = out.finished
 
     def done(self) -> None:
         """Called once, finished or not; latencies count only for finished requests."""
-        out = self.last
-        if out is None:
+        if not self.seen:
             return
         m = self.metrics
-        m.prompt_tokens.inc(len(out.prompt_token_ids))
-        m.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
-        if not out.finished:
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.generation_tokens.inc(sum(self.tokens.values()))
+        if not self.finished:
             return
         now = time.perf_counter()
         m.e2e.observe(now - self.start)
-        longest = max(len(c.token_ids) for c in out.outputs)
+        longest = max(self.tokens.values(), default=0)
         if self.first_token_at is not None and longest > 1:
             m.tpot.observe((now - self.first_token_at) / (longest - 1))

@@ -62,7 +62,8 @@ def parse_args(args: dict) -> tuple[dict, ServerOptions]:
             raise ValueError(f"{key}: unknown argument; known: {', '.join(known)}")
     if server_kwargs.get("served_model_name") is None:
         server_kwargs["served_model_name"] = engine_kwargs["model"]
-    EngineConfig.from_kwargs(**engine_kwargs)  # bad values fail now, not in the replica
+    config = EngineConfig.from_kwargs(**engine_kwargs)  # bad values fail now, not in the replica
+    engine_kwargs["device"] = config.device.device  # "auto" resolved here, where the GPUs show
     model_path = resolve_model(engine_kwargs["model"])
     if not os.path.exists(model_path):
         raise ValueError(f"model: path {model_path!r} does not exist")

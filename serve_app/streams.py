@@ -19,20 +19,22 @@ from serve_app.metrics import RequestTimer, ServerMetrics
 from serve_app.protocol import UsageInfo
 from spmd import AsyncEngine, RequestOutput, SamplingParams
 from spmd.async_engine import EngineDeadError
+from spmd.output_processor import merge_delta
 
 logger = logging.getLogger(__name__)
 
 
 class EngineStreams:
-    """The engine streams of one HTTP request (one per prompt). Leaving them early,
-    client gone included, aborts every unfinished one."""
+    """The engine streams of one HTTP request (one per prompt), as deltas. Leaving
+    them early, client gone included, aborts every unfinished one."""
 
     def __init__(self, engine: AsyncEngine, request_ids: list[str], timers: list[RequestTimer],
                  params: SamplingParams, prompts: list):
         self.engine = engine
         self.request_ids = request_ids
         self.timers = timers
-        self.gens = [engine.generate(p, params, rid) for p, rid in zip(prompts, request_ids)]
+        self.gens = [engine.generate(p, params, rid, delta=True)
+                     for p, rid in zip(prompts, request_ids)]
         self.firsts: list[RequestOutput] = []
         self._cleanup: asyncio.Future | None = None
 
@@ -61,25 +63,28 @@ class EngineStreams:
         return streams
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``(prompt index, cumulative output)`` as they arrive, first outputs first."""
+        """``(prompt index, delta)`` as they arrive, first outputs first."""
         try:
             for i, out in enumerate(self.firsts):
                 yield i, out
-            if len(self.gens) == 1:
-                async for out in self.gens[0]:
-                    self.timers[0].observe(out)
-                    yield 0, out
-            else:
-                async for i, out in merge(self.gens):
+            pending = [i for i, out in enumerate(self.firsts) if not out.finished]
+            if len(pending) == 1:
+                i = pending[0]
+                async for out in self.gens[i]:
+                    self.timers[i].observe(out)
+                    yield i, out
+            elif pending:
+                async for i, out in merge({i: self.gens[i] for i in pending}):
                     self.timers[i].observe(out)
                     yield i, out
         finally:
             await self.close()
 
     async def finals(self) -> list[RequestOutput]:
-        finals = list(self.firsts)
+        """Every prompt's whole output (the deltas folded together)."""
+        finals: list[RequestOutput | None] = [None] * len(self.gens)
         async for i, out in self.outputs():
-            finals[i] = out
+            finals[i] = merge_delta(finals[i], out)
         return finals
 
     async def close(self) -> None:
@@ -91,16 +96,16 @@ class EngineStreams:
     async def _close(self) -> None:
         for gen in self.gens:
             try:
-                await gen.aclose()
-            except RuntimeError:  # still running in a cancelled pump task: the abort below ends it
+                await gen.aclose()  # an unfinished one aborts its request as it closes
+            except RuntimeError:  # still running in a cancelled pump task: abort it here
                 pass
         for request_id, timer in zip(self.request_ids, self.timers):
-            if timer.last is None or not timer.last.finished:
+            if not timer.finished:
                 await self.engine.abort(request_id)
             timer.done()
 
 
-async def merge(gens: list[AsyncIterator[RequestOutput]]
+async def merge(gens: dict[int, AsyncIterator[RequestOutput]]
                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleaves several engine streams: ``(stream index, output)`` as they arrive."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -113,7 +118,7 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]
         except Exception as e:
             queue.put_nowait((i, e))
 
-    tasks = [asyncio.ensure_future(pump(i, gen)) for i, gen in enumerate(gens)]
+    tasks = [asyncio.ensure_future(pump(i, gen)) for i, gen in gens.items()]
     try:
         remaining = len(tasks)
         while remaining:
@@ -142,38 +147,37 @@ class Delta:
 
 
 class Deltas:
-    """What is new in each choice since the last chunk. Text within a stop string's
-    length of the end is held back until the choice finishes: the engine may still
-    cut it off there."""
+    """Per-choice chunks from the engine's deltas (stop-string hold-back is the
+    engine's: a delta never holds text a stop string may still cut off)."""
 
     def __init__(self, params: SamplingParams, num_prompts: int):
         self.n = params.n
-        longest_stop = max(map(len, params.stop), default=1)
-        self.holdback = 0 if params.include_stop_str_in_output else longest_stop - 1
-        self.finals: list[RequestOutput | None] = [None] * num_prompts
-        self._sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) sent
+        self.prompt_tokens = [0] * num_prompts
+        self._tokens: dict[int, int] = {}  # choice index -> tokens sent
         self._done: set[int] = set()
 
     def of(self, i: int, out: RequestOutput) -> list[Delta]:
-        self.finals[i] = out
+        self.prompt_tokens[i] = len(out.prompt_token_ids)
         deltas = []
         for c in out.outputs:
             index = i * self.n + c.index
             if index in self._done:
                 continue
-            first = index not in self._sent
-            chars, tokens = self._sent.get(index, (0, 0))
-            end = len(c.text) if c.finish_reason else max(chars, len(c.text) - self.holdback)
-            text, token_ids = c.text[chars:end], c.token_ids[tokens:]
-            if not (text or token_ids or c.finish_reason or first):
+            first = index not in self._tokens
+            if not (c.text or c.token_ids or c.finish_reason or first):
                 continue
-            self._sent[index] = (end, len(c.token_ids))
+            self._tokens[index] = self._tokens.get(index, 0) + len(c.token_ids)
             if c.finish_reason:
                 self._done.add(index)
-            logprobs = c.logprobs[tokens:] if c.logprobs is not None else None
-            deltas.append(Delta(index, text, token_ids, logprobs, c.finish_reason, c.stop_reason,
-                                 first))
+            deltas.append(Delta(index, c.text, c.token_ids, c.logprobs, c.finish_reason,
+                                c.stop_reason, first))
         return deltas
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(self.prompt_tokens)
+        completion = sum(self._tokens.values())
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                         total_tokens=prompt + completion)
 
 
 def usage(finals: list[RequestOutput]) -> UsageInfo:

@@ -1,7 +1,13 @@
-"""Online serving: per-request async streams over the same ``Engine.step()``.
+"""Online serving: the frontend half of the engine. Per-request async streams over
+an engine core that runs in its own process (``EngineCoreActor``).
 
-One background thread owns the step loop; requests enter and leave under a lock
-taken off the event loop, and outputs cross back with ``call_soon_threadsafe``.
+Here: tokenization and validation (a bad request fails before it is sent),
+incremental detokenization and stop strings (a stop aborts the sequence in the
+core), and one collector per request. The core sends one message per step; a
+receiver thread turns it into per-request deltas and hands them to each event
+loop in one call, which merges them into the collectors in slices, yielding to
+the loop between slices. A collector is a single slot: a consumer that is behind
+finds the deltas merged, never a queue that grows.
 """
 
 from __future__ import annotations
@@ -13,134 +19,220 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
+from serialization import AbortRequests, CoreStats, StepOutputs, StopSequences
 from spmd.config import EngineConfig
-from spmd.engine import Engine
+from spmd.core_client import CoreClient, EngineDeadError
+from spmd.input_processor import InputProcessor
+from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
-class EngineDeadError(RuntimeError):
-    """The engine stopped (a rank failed, or shutdown); no more requests are served."""
+FAN_OUT_SLICE = 128  # collectors woken per event-loop callback
+
+
+class RequestCollector:
+    """One request's pending output: deltas merged until the consumer takes them.
+    Owned by its event loop (every method runs there)."""
+
+    __slots__ = ("loop", "pending", "error", "event")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        self.pending = merge_delta(self.pending, out)
+        self.event.set()
+
+    def fail(self, err: BaseException) -> None:
+        self.error = err
+        self.event.set()
+
+    async def get(self) -> RequestOutput:
+        while self.pending is None and self.error is None:
+            await self.event.wait()
+            self.event.clear()
+        if self.pending is not None:  # outputs that made it before a failure come first
+            out, self.pending = self.pending, None
+            return out
+        raise self.error
 
 
 class AsyncEngine:
+    """``async for out in engine.generate(prompt, params): ...`` (cumulative outputs, or
+    deltas with ``delta=True``); the engine core runs in its own process."""
+
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        self.engine = Engine(config or EngineConfig.from_kwargs(**kwargs))
+        self.config = config or EngineConfig.from_kwargs(**kwargs)
+        self.inputs = InputProcessor(self.config)
+        self.outputs = OutputProcessor(self.inputs.tokenizer, stream=True)
+        # Guards the output processor and the collectors between the receiver thread and
+        # the event loop(s); held for one step's bookkeeping, never for a step.
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._dead: BaseException | None = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="spmd-engine-loop", daemon=True)
-        self._thread.start()
+        self._collectors: dict[str, RequestCollector] = {}
+        self._dead: str | None = None
+        self.client = CoreClient(self.config, self._on_step, self._on_dead)
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.inputs.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.inputs.max_model_len
+
+    @property
+    def core_pid(self) -> int:
+        return self.client.pid
+
+    # ---- requests -----------------------------------------------------------------
 
     async def generate(self, prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs as tokens arrive; the last one has ``finished``.
-        Cancelling the consumer (client gone) aborts the request."""
+                       request_id: str | None = None, *,
+                       delta: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yields outputs as tokens arrive (each cumulative, or only what is new with
+        ``delta=True``); the last one has ``finished``. Leaving early (the client
+        gone) aborts the request. Bad input raises ``ValueError`` before anything is
+        queued."""
         request_id = request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        params = params or SamplingParams()
         if self._dead is not None:
             raise EngineDeadError(f"engine is stopped: {self._dead}")
-        self._streams[request_id] = (loop, queue)
+        text, prompt_ids, request = self.inputs.process(request_id, prompt, params)
+        collector = RequestCollector(asyncio.get_running_loop())
+        with self._lock:
+            self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
+            self._collectors[request_id] = collector
+        finished = False
         try:
-            await loop.run_in_executor(None, self._add, request_id, prompt, params)
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
+            self.client.send(request)
+            total: RequestOutput | None = None
+            while not finished:
+                out = await collector.get()
+                finished = out.finished
+                if delta:
+                    yield out
+                else:
+                    total = merge_delta(total, out)
+                    yield _snapshot(total)
         finally:
-            if self._streams.pop(request_id, None) is not None:
-                await loop.run_in_executor(None, self._abort, request_id)
+            with self._lock:
+                self._collectors.pop(request_id, None)
+                running = self.outputs.abort(request_id)
+            if running and self._dead is None:
+                try:
+                    self.client.send(AbortRequests([request_id]))
+                except EngineDeadError:
+                    pass
 
     async def abort(self, request_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._abort, request_id)
-        entry = self._streams.pop(request_id, None)
-        if entry is not None:
-            entry[1].put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        with self._lock:
+            collector = self._collectors.pop(request_id, None)
+            running = self.outputs.abort(request_id)
+        if running:
+            self.client.send(AbortRequests([request_id]))
+        if collector is not None:
+            collector.fail(asyncio.CancelledError(f"request {request_id} aborted"))
 
-    async def call_all(self, method: str, *args) -> list:
-        loop = asyncio.get_running_loop()
+    # ---- health, stats, rank-state calls ----------------------------------------------
 
-        def call():
-            with self._lock:
-                return self.engine.call_all(method, *args)
-
-        return await loop.run_in_executor(None, call)
+    def check_health(self) -> None:
+        """Raises ``EngineDeadError`` (a plain ``RuntimeError``) if the core is dead or
+        silent; answers from the last heartbeat, without waiting for a step."""
+        self.client.check_health()
 
     def stats(self) -> dict:
-        sched = self.engine.scheduler
-        return dict(num_running=sched.num_running, num_waiting=sched.num_waiting,
-                    kv_usage=sched.kv_usage, num_kv_blocks=self.engine.num_kv_blocks,
-                    num_free_blocks=sched.block_pool.num_free_blocks)
+        """The core's counters as of its last message (a heartbeat is at most
+        ``core_heartbeat_interval_s`` old)."""
+        return _stats_dict(self.client.stats)
 
-    def _add(self, request_id, prompt, params) -> None:
+    async def fresh_stats(self) -> dict:
+        """The core's counters read between steps, now."""
+        values = await asyncio.wrap_future(self.client.call("stats"))
+        return _stats_dict(CoreStats(**values))
+
+    async def call_all(self, method: str, *args) -> list:
+        """A rank-state call broadcast to every rank (between two steps)."""
+        return await asyncio.wrap_future(self.client.call("call_all", method, *args))
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.outputs)
+
+    # ---- from the receiver thread ----------------------------------------------------
+
+    def _on_step(self, msg: StepOutputs) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            if self._dead is not None:
-                raise EngineDeadError(f"engine is stopped: {self._dead}")
-            self.engine.add_request(request_id, prompt, params)
-        self._wake.set()
+            results, stops = self.outputs.process(msg.outputs) if msg.outputs else ([], [])
+            for out in results:
+                collector = self._collectors.get(out.request_id)
+                if collector is not None:
+                    by_loop.setdefault(collector.loop, []).append((collector, out))
+            for err in msg.errors:
+                collector = self._collectors.pop(err.request_id, None)
+                self.outputs.abort(err.request_id)
+                if collector is not None:
+                    exc = ValueError(err.message) if err.status == 400 else RuntimeError(err.message)
+                    by_loop.setdefault(collector.loop, []).append((collector, exc))
+        if stops:
+            ids, indices = zip(*stops)
+            try:
+                self.client.send(StopSequences(list(ids), list(indices)))
+            except EngineDeadError:
+                pass
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_fan_out, loop, items)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                pass
 
-    def _abort(self, request_id: str) -> None:
+    def _on_dead(self, reason: str) -> None:
+        self._dead = reason
         with self._lock:
-            self.engine.abort_request(request_id)
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests() or self.engine.scheduler.has_pending_frees()
-                if busy:
-                    try:
-                        outputs = self.engine.step()
-                    except BaseException as e:  # a rank failed: every open stream learns why
-                        self._fail(e)
-                        return
-                    for out in outputs:
-                        self._deliver(out)
-            if not busy:
-                with self._lock:
-                    self.engine.park()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-
-    def _deliver(self, out: RequestOutput) -> None:
-        entry = self._streams.get(out.request_id)
-        if entry is None:
-            return
-        snapshot = copy.copy(out)
-        snapshot.outputs = [copy.copy(c) for c in out.outputs]
-        for c in snapshot.outputs:
-            c.token_ids = list(c.token_ids)
-            if c.logprobs is not None:
-                c.logprobs = list(c.logprobs)
-        loop, queue = entry
-        loop.call_soon_threadsafe(queue.put_nowait, snapshot)
-
-    def _fail(self, err: BaseException) -> None:
-        self._dead = err
-        logger.error("engine loop stopped: %s", err)
-        for loop, queue in list(self._streams.values()):
-            loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(str(err)))
+            collectors = list(self._collectors.values())
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for c in collectors:
+            by_loop.setdefault(c.loop, []).append((c, EngineDeadError(f"engine is stopped: {reason}")))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_fan_out, loop, items)
+            except RuntimeError:
+                pass
 
     def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
-        self.engine.shutdown()
+        self.client.shutdown()
+
+
+def _fan_out(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Wakes collectors a slice at a time; the rest waits behind the loop's other work."""
+    for collector, item in items[:FAN_OUT_SLICE]:
+        if isinstance(item, BaseException):
+            collector.fail(item)
+        else:
+            collector.put(item)
+    if len(items) > FAN_OUT_SLICE:
+        loop.call_soon(_fan_out, loop, items[FAN_OUT_SLICE:])
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the consumer may keep while the cumulative output grows."""
+    snap = copy.copy(out)
+    snap.outputs = [copy.copy(c) for c in out.outputs]
+    for c in snap.outputs:
+        c.token_ids = list(c.token_ids)
+        if c.logprobs is not None:
+            c.logprobs = list(c.logprobs)
+    return snap
+
+
+def _stats_dict(stats) -> dict:
+    return dict(num_running=stats.num_running, num_waiting=stats.num_waiting,
+                kv_usage=stats.kv_usage, num_kv_blocks=stats.num_kv_blocks,
+                num_free_blocks=stats.num_free_blocks, num_steps=stats.num_steps,
+                num_preemptions=stats.num_preemptions, step_running_s=stats.step_running_s)

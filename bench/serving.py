@@ -19,7 +19,19 @@ it starts the Serve app in this process on a free 127.0.0.1 port (engine options
 as ``--engine-arg key=value``, the names ``serve run serve_app:deploy`` takes),
 runs the load, shuts Serve down, then runs offline ``LLM.generate`` with the same
 options on the prompts of the fastest HTTP level and prints the ratio of their
-output tokens/s.
+output tokens/s. It also counts the replica health checks that failed during the run
+(from the Serve controller's log files of the Ray session), and ``--serve-env
+KEY=VALUE`` sets environment variables for Serve before it starts (in this process,
+and for Serve's actors through the ``runtime_env`` of the ``ray.init`` it makes and of
+the Serve controller).
+
+The client must not be the bottleneck: each level reports the load generator's own CPU
+use (process CPU seconds over the level's wall seconds, summed over client processes;
+1.0 is one core busy). ``--num-clients N`` spreads each level over N client processes
+(spawned once, each with its own asyncio + httpx client): requests are dealt out
+round-robin with the arrival times they would have had in one process, a concurrency
+level is split as evenly as possible, and the per-request results are merged into
+the same summary, timed from the earliest client start to the latest client end.
 """
 
 from __future__ import annotations
@@ -27,11 +39,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import glob
 import json
+import os
+import re
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -75,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --start-server: an engine or server option of serve_app:deploy "
                         "(repeat); the offline run gets the engine options")
     p.add_argument("--skip-offline", action="store_true", help="with --start-server: HTTP only")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   dest="serve_env_items",
+                   help="with --start-server: an environment variable for Serve (repeat), e.g. "
+                        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1; set in this process before Ray Serve "
+                        "is imported and passed to Serve's actors through runtime_env (of the "
+                        "ray.init this command makes, and of the Serve controller)")
     p.add_argument("--model", default=None, help="model name sent in requests (default: the "
                                                  "first one GET /v1/models lists)")
     p.add_argument("--api-key", default=None)
@@ -95,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", default=None, help="comma list of load levels for a bare "
                                                  "--concurrency or --request-rate")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--num-clients", type=int, default=1,
+                   help="client processes that share each level's requests and concurrency "
+                        "(spawned once; 1: the load runs in this process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     p.add_argument("--plot", default=None, help="PNG of latency and throughput vs load")
@@ -120,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{'ints' if kind is int else 'numbers'}, got {text!r}")
     if not args.levels or min(args.levels) <= 0:
         p.error(f"{flag}: every level must be > 0, got {text!r}")
-    for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
+    for name in ("num_prompts", "input_len", "output_len", "vocab_size", "num_clients"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1")
     if args.timeout_s <= 0:
@@ -130,15 +154,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--base-url, --start-server: give one of them")
     if args.start_server is None:
         args.base_url = (args.base_url or "http://127.0.0.1:8000").rstrip("/")
-        if args.engine_arg:
-            p.error("--engine-arg: needs --start-server")
-    args.serve_args = {}
-    for item in args.engine_arg:
-        key, eq, val = item.partition("=")
-        if not eq or not key:
-            p.error(f"--engine-arg: expected KEY=VALUE, got {item!r}")
-        args.serve_args[key.strip()] = val
+        for flag, items in (("--engine-arg", args.engine_arg),
+                            ("--serve-env", args.serve_env_items)):
+            if items:
+                p.error(f"{flag}: needs --start-server")
+    args.serve_args, args.serve_env = {}, {}
+    for flag, items, out in (("--engine-arg", args.engine_arg, args.serve_args),
+                             ("--serve-env", args.serve_env_items, args.serve_env)):
+        for item in items:
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip():
+                p.error(f"{flag}: expected KEY=VALUE, got {item!r}")
+            out[key.strip()] = val
     if args.start_server is not None:
+        # Serve reads many of its settings from the environment when it is imported; in a
+        # fresh `python -m bench.serving` the import below is its first one: set them now.
+        os.environ.update(args.serve_env)
         from serve_app.options import parse_args as parse_serve_args
 
         try:  # the same conversions and checks as `serve run serve_app:deploy`
@@ -200,64 +231,286 @@ async def send(client, url: str, body: dict) -> RequestResult:
     return RequestResult(True, ttft, e2e, usage["prompt_tokens"], usage["completion_tokens"])
 
 
-async def run_level(client, url: str, bodies: list[dict], load: str, level: float,
-                    seed: int) -> tuple[list[RequestResult], float]:
-    """All requests of one load level; returns the results and the wall time."""
-    from tqdm.auto import tqdm
-
+def arrival_offsets(n: int, load: str, level: float, seed: int) -> np.ndarray:
+    """Seconds after the level's start at which each request may be sent."""
     if load == "request_rate" and level != float("inf"):
-        gaps = np.random.default_rng(seed).exponential(1.0 / level, len(bodies))
-        offsets = np.concatenate([[0.0], np.cumsum(gaps[:-1])])
-    else:
-        offsets = np.zeros(len(bodies))
-    gate = asyncio.Semaphore(int(level) if load == "concurrency" else len(bodies))
-    bar = tqdm(total=len(bodies), desc=f"{load.replace('_', ' ')} {level:g}", unit="req")
+        gaps = np.random.default_rng(seed).exponential(1.0 / level, n)
+        return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+    return np.zeros(n)
+
+
+async def drive(client, url: str, bodies: list[dict], offsets, concurrency: int,
+                start_at: float | None = None,
+                on_done=None) -> tuple[list[RequestResult], float, float]:
+    """Sends ``bodies`` at ``offsets`` after the start (``start_at``, a ``perf_counter`` time,
+    or now), at most ``concurrency`` in flight; returns the results, start and end."""
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
     start = time.perf_counter()
+    base = start if start_at is None else start_at
+    gate = asyncio.Semaphore(concurrency)
 
     async def one(body: dict, offset: float) -> RequestResult:
-        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        await asyncio.sleep(max(0.0, base + offset - time.perf_counter()))
         async with gate:
             result = await send(client, url, body)
-        bar.update(1)
+        if on_done is not None:
+            on_done()
         return result
 
+    results = await asyncio.gather(*(one(b, o) for b, o in zip(bodies, offsets)))
+    return list(results), start, time.perf_counter()
+
+
+async def run_level(client, url: str, bodies: list[dict], load: str, level: float,
+                    seed: int) -> tuple[list[RequestResult], float]:
+    """All requests of one load level in this process; returns the results and the wall time."""
+    from tqdm.auto import tqdm
+
+    offsets = arrival_offsets(len(bodies), load, level, seed)
+    concurrency = int(level) if load == "concurrency" else len(bodies)
+    bar = tqdm(total=len(bodies), desc=f"{load.replace('_', ' ')} {level:g}", unit="req")
     try:
-        results = await asyncio.gather(*(one(b, o) for b, o in zip(bodies, offsets)))
+        results, start, end = await drive(client, url, bodies, offsets, concurrency,
+                                          on_done=lambda: bar.update(1))
     finally:
         bar.close()
-    return list(results), time.perf_counter() - start
+    return results, end - start
 
 
-async def run_load(args, model: str | None, workloads: list[Workload]) -> list[dict]:
+def split_level(n: int, load: str, level: float, num_clients: int) -> list[tuple[list[int], int]]:
+    """(request indices, concurrency) per client process for one level of ``n`` requests.
+
+    At most ``num_clients`` processes, and no more than there are requests or (for
+    ``--concurrency``) slots. A concurrency level is split as evenly as possible and
+    request i goes to the owner of slot i % level, so that each process's share of
+    requests follows its share of the slots; with a request rate, request i goes to
+    process i % k and keeps its arrival time, and nothing gates the sends."""
+    k = min(num_clients, n, int(level) if load == "concurrency" else n)
+    if load == "concurrency":
+        slots = int(level)
+        owner = [(i % slots) % k for i in range(n)]
+        caps = [slots // k + (1 if c < slots % k else 0) for c in range(k)]
+    else:
+        owner = [i % k for i in range(n)]
+        caps = None
+    shares = [[i for i in range(n) if owner[i] == c] for c in range(k)]
+    return [(idx, caps[c] if caps else len(idx)) for c, idx in enumerate(shares)]
+
+
+def _client(args):
     import httpx
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(args.timeout_s, connect=30.0),
-                                 trust_env=False) as client:
-        if model is None:
-            resp = await client.get("/v1/models")
-            resp.raise_for_status()
-            model = resp.json()["data"][0]["id"]
-        path = "/v1/completions" if args.endpoint == "completions" else "/v1/chat/completions"
-        warmup = request_bodies(Workload([[1, 2, 3, 4]], [2]), args.endpoint, model)[0]
-        first = await send(client, path, warmup)
-        if not first.ok:
-            raise RuntimeError(f"warm-up request to {args.base_url}{path} failed: {first.error}")
+    return httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
+                             timeout=httpx.Timeout(args.timeout_s, connect=30.0),
+                             trust_env=False)
+
+
+def _path(args) -> str:
+    return "/v1/completions" if args.endpoint == "completions" else "/v1/chat/completions"
+
+
+async def _model_and_warmup(client, args, model: str | None) -> str:
+    """The model name (the first one the server lists unless given), after one warm-up
+    request that must succeed."""
+    if model is None:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        model = resp.json()["data"][0]["id"]
+    warmup = request_bodies(Workload([[1, 2, 3, 4]], [2]), args.endpoint, model)[0]
+    first = await send(client, _path(args), warmup)
+    if not first.ok:
+        raise RuntimeError(f"warm-up request to {args.base_url}{_path(args)} failed: "
+                           f"{first.error}")
+    return model
+
+
+def run_load(args, model: str | None, workloads: list[Workload]) -> list[dict]:
+    """Every load level, in this process (``--num-clients 1``) or in client processes."""
+    if args.num_clients == 1:
+        return asyncio.run(_load_in_process(args, model, workloads))
+    return _load_in_processes(args, model, workloads)
+
+
+async def _load_in_process(args, model: str | None, workloads: list[Workload]) -> list[dict]:
+    async with _client(args) as client:
+        model = await _model_and_warmup(client, args, model)
         levels = []
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
             bodies = request_bodies(workload, args.endpoint, model)
-            results, duration = await run_level(client, path, bodies, args.load, level,
+            cpu = time.process_time()
+            results, duration = await run_level(client, _path(args), bodies, args.load, level,
                                                 args.seed + i)
-            levels.append(summarize(results, duration, args.load, level))
+            cpu = time.process_time() - cpu
+            levels.append(summarize(results, duration, args.load, level, client_cpu_s=[cpu]))
             print_level(levels[-1])
     return levels
 
 
+def _load_in_processes(args, model: str | None, workloads: list[Workload]) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    if model is None:  # the client processes warm up themselves; this one names the model
+        async def lookup() -> str:
+            async with _client(args) as client:
+                return await _model_and_warmup(client, args, None)
+
+        model = asyncio.run(lookup())
+    levels = []
+    with ClientPool(args, model, args.num_clients) as pool:
+        for i, (level, workload) in enumerate(zip(args.levels, workloads)):
+            bodies = request_bodies(workload, args.endpoint, model)
+            offsets = arrival_offsets(len(bodies), args.load, level, args.seed + i)
+            bar = tqdm(total=len(bodies), desc=f"{args.load.replace('_', ' ')} {level:g}",
+                       unit="req")
+            try:
+                results, duration, cpu = pool.run_level(
+                    bodies, offsets, split_level(len(bodies), args.load, level, args.num_clients),
+                    progress=lambda done: bar.update(done - bar.n))
+            finally:
+                bar.close()
+            levels.append(summarize(results, duration, args.load, level, client_cpu_s=cpu))
+            print_level(levels[-1])
+    return levels
+
+
+class ClientPool:
+    """``--num-clients`` processes (the "spawn" context), each an asyncio loop with its own
+    httpx client, kept for all levels; each warms up once when it starts."""
+
+    START_DELAY_S = 0.2  # between handing out a level and its common start
+
+    def __init__(self, args, model: str, num_clients: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        config = dict(base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout_s,
+                      endpoint=args.endpoint, model=model)
+        self.procs, self.conns, self.counters = [], [], []
+        try:
+            for _ in range(num_clients):
+                ours, theirs = ctx.Pipe()
+                counter = ctx.Value("q", 0)
+                proc = ctx.Process(target=_client_main, args=(theirs, counter, config),
+                                   daemon=True)
+                proc.start()
+                theirs.close()
+                self.procs.append(proc)
+                self.conns.append(ours)
+                self.counters.append(counter)
+            for c, conn in enumerate(self.conns):
+                reply = self._recv(c, conn)
+                if reply != "ready":
+                    raise RuntimeError(f"client process {c}: {reply}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv(self, c: int, conn):
+        try:
+            reply = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"client process {c} exited "
+                               f"(exit code {self.procs[c].exitcode})") from None
+        if isinstance(reply, tuple) and reply and reply[0] == "error":
+            raise RuntimeError(f"client process {c}: {reply[1]}")
+        return reply
+
+    def run_level(self, bodies: list[dict], offsets, split, progress=None
+                  ) -> tuple[list[RequestResult], float, list[float]]:
+        """One level over ``split`` (from ``split_level``); returns the results in request
+        order, the wall time from the earliest client start to the latest end, and the CPU
+        seconds of each client process that took part."""
+        from multiprocessing.connection import wait
+
+        for counter in self.counters:
+            counter.value = 0
+        # perf_counter is one system-wide monotonic clock, the same in every process.
+        start_at = time.perf_counter() + self.START_DELAY_S
+        used = []
+        for c, (idx, concurrency) in enumerate(split):
+            self.conns[c].send(("level", [bodies[i] for i in idx],
+                                [float(offsets[i]) for i in idx], concurrency, start_at))
+            used.append(c)
+        pending, replies = set(used), {}
+        while pending:
+            for conn in wait([self.conns[c] for c in pending], timeout=0.25):
+                c = self.conns.index(conn)
+                replies[c] = self._recv(c, conn)
+                pending.discard(c)
+            if progress is not None:
+                progress(sum(self.counters[c].value for c in used))
+        results: list[RequestResult | None] = [None] * len(bodies)
+        for c, (idx, _) in enumerate(split):
+            rows, _, _, _ = replies[c]
+            for i, row in zip(idx, rows):
+                results[i] = RequestResult(*row)
+        start = min(replies[c][1] for c in used)
+        end = max(replies[c][2] for c in used)
+        return results, end - start, [replies[c][3] for c in used]
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _client_main(conn, counter, config: dict) -> None:
+    """A client process: warm up, then run the levels it is sent until it gets None."""
+    try:
+        asyncio.run(_client_loop(conn, counter, config))
+    except BaseException as e:  # the parent raises it
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except (BrokenPipeError, OSError):
+            pass
+
+
+async def _client_loop(conn, counter, config: dict) -> None:
+    args = argparse.Namespace(**config)
+    path = _path(args)
+
+    def done() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    async with _client(args) as client:
+        await _model_and_warmup(client, args, args.model)
+        conn.send("ready")
+        while True:
+            msg = await asyncio.to_thread(conn.recv)
+            if msg is None:
+                return
+            _, bodies, offsets, concurrency, start_at = msg
+            cpu = time.process_time()
+            results, start, end = await drive(client, path, bodies, offsets, concurrency,
+                                              start_at, on_done=done)
+            cpu = time.process_time() - cpu
+            conn.send(([astuple(r) for r in results], start, end, cpu))
+
+
 # ---- report -----------------------------------------------------------------------------
 
-def summarize(results: list[RequestResult], duration_s: float, load: str, level: float) -> dict:
+def summarize(results: list[RequestResult], duration_s: float, load: str, level: float,
+              client_cpu_s: list[float]) -> dict:
+    """One level's summary; ``client_cpu_s``: CPU seconds of each client process in it."""
     ok = [r for r in results if r.ok]
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
@@ -270,7 +523,13 @@ def summarize(results: list[RequestResult], duration_s: float, load: str, level:
         output_tokens_per_s=round(output / duration_s, 2),
         total_tokens_per_s=round((prompt + output) / duration_s, 2),
         ttft_ms=_stats([r.ttft_s for r in ok]), tpot_ms=_stats([r.tpot_s for r in ok]),
-        e2e_ms=_stats([r.e2e_s for r in ok]), errors=errors[:5])
+        e2e_ms=_stats([r.e2e_s for r in ok]),
+        # The load generator's own CPU use: 1.0 is one core busy (summed over processes;
+        # _max: the busiest process, the one that would saturate first).
+        num_clients=len(client_cpu_s),
+        client_cpu_util=round(sum(client_cpu_s) / duration_s, 3),
+        client_cpu_util_max=round(max(client_cpu_s) / duration_s, 3),
+        errors=errors[:5])
 
 
 def _stats(values_s: list[float | None]) -> dict:
@@ -287,7 +546,10 @@ def print_level(s: dict) -> None:
     for label, key in (("Successful requests", "completed"), ("Failed requests", "failed"),
                        ("Duration (s)", "duration_s"), ("Request throughput (req/s)", "requests_per_s"),
                        ("Output token throughput (tok/s)", "output_tokens_per_s"),
-                       ("Total token throughput (tok/s)", "total_tokens_per_s")):
+                       ("Total token throughput (tok/s)", "total_tokens_per_s"),
+                       ("Client processes", "num_clients"),
+                       ("Client CPU (cores busy, all)", "client_cpu_util"),
+                       ("Client CPU (cores busy, busiest)", "client_cpu_util_max")):
         print(f"{label:<38}{s[key]:>18}")
     print(f"{'':<14}{'mean':>14}{'p50':>14}{'p99':>14}")
     for label, key in (("TTFT (ms)", "ttft_ms"), ("TPOT (ms)", "tpot_ms"), ("E2E (ms)", "e2e_ms")):
@@ -346,6 +608,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ray(args) -> None:
+    """``ray.init`` as ``serve.start`` would make it, plus ``--serve-env`` in the job's
+    ``runtime_env`` so that Serve's actors (and what they start) inherit it."""
+    import ray
+
+    runtime_env = {"env_vars": dict(args.serve_env)} if args.serve_env else None
+    ray.init(namespace="serve", runtime_env=runtime_env)
+
+
 def start_serve(args) -> str:
     """The Serve app on a free 127.0.0.1 port; returns its base URL."""
     from ray import serve
@@ -354,10 +625,84 @@ def start_serve(args) -> str:
 
     port = _free_port()
     quiet = {"enable_access_log": False}  # a log line per request would bury the report
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    # Also the controller's own runtime_env (its proxies and replicas inherit it): the one
+    # way in for --serve-env when Ray was already running.
+    controller = ({"runtime_env": {"env_vars": dict(args.serve_env)}} if args.serve_env
+                  else None)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet,
+                controller_options=controller)
     serve.run(deploy({**args.serve_args, "model": args.start_server}), name="bench-serving",
               route_prefix="/", blocking=False, logging_config=quiet)
     return f"http://127.0.0.1:{port}"
+
+
+# What the Ray 2.60 Serve controller logs (ray/serve/_private/deployment_state.py,
+# DeploymentReplica.check_health) for each replica health check that fails: one line per
+# failed check (the lines that follow, "failed the health check N times in a row" and
+# "failed health check, stopping it", are consequences and are not counted again).
+HEALTH_CHECK_FAILURES = {
+    "error": re.compile(r"Health check for Replica\(.*\) failed: "),  # it raised
+    "timeout": re.compile(r"Didn't receive health check response for replica "),
+    "crashed": re.compile(r"Actor for Replica\(.*\) crashed, marking it unhealthy"),
+}
+
+
+class ControllerLogs:
+    """Counts the failed replica health checks the Serve controller logs after ``__init__``:
+    notes the size of each ``<session>/logs/serve/controller_*.log`` now and later reads
+    only what was appended (all of a file that is new; of a file rotated meanwhile, the
+    rest of its ``.1`` and then all of the new one)."""
+
+    def __init__(self, session_dir: str | None = None):
+        if session_dir is None:  # this process's Ray session (a private API; Serve uses it too)
+            import ray
+
+            session_dir = ray._private.worker._global_node.get_session_dir_path()
+        self.dir = os.path.join(session_dir, "logs", "serve")
+        self.start = {}  # path: (inode, size)
+        for path in self._files():
+            st = os.stat(path)
+            self.start[path] = (st.st_ino, st.st_size)
+
+    def _files(self) -> list[str]:
+        return glob.glob(os.path.join(self.dir, "controller_*.log"))
+
+    def count(self) -> dict | None:
+        """``{"total": n, kind: n...}``; None if there is no controller log to read."""
+        files = self._files()
+        if not files:
+            return None
+        text = []
+        for path in files:
+            inode, offset = self.start.get(path, (None, 0))
+            if inode is not None and _inode(path) != inode:  # rotated
+                if _inode(path + ".1") == inode:
+                    text.append(_read_from(path + ".1", offset))
+                offset = 0
+            text.append(_read_from(path, offset))
+        counts = dict.fromkeys(HEALTH_CHECK_FAILURES, 0)
+        for line in "".join(text).splitlines():
+            for kind, pattern in HEALTH_CHECK_FAILURES.items():
+                if pattern.search(line):
+                    counts[kind] += 1
+                    break
+        return {"total": sum(counts.values()), **counts}
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def run_offline(args, workload: Workload) -> dict:
@@ -415,20 +760,34 @@ def main(argv=None) -> dict:
         for w in workloads:
             check_fits(w, max_model_len)
 
-    offline = None
+    offline = health = None
     if args.start_server is None:
-        levels = asyncio.run(run_load(args, args.model, workloads))
+        levels = run_load(args, args.model, workloads)
     else:
         import ray
         from ray import serve
 
         ray_was_up = ray.is_initialized()
+        if ray_was_up and args.serve_env:
+            print("warning: Ray was already running: --serve-env reaches Serve's actors only "
+                  "through the runtime_env of a Serve controller started now, and none of "
+                  "Ray's own processes", file=sys.stderr)
         try:
+            if not ray_was_up:
+                start_ray(args)
+            controller_logs = ControllerLogs()
             args.base_url = start_serve(args)
             try:
-                levels = asyncio.run(run_load(args, args.model, workloads))
+                levels = run_load(args, args.model, workloads)
+                health = controller_logs.count()
             finally:
                 serve.shutdown()
+            if health is None:
+                print(f"Failed replica health checks: unknown (no controller log in "
+                      f"{controller_logs.dir})", flush=True)
+            else:
+                print(f"Failed replica health checks: {health['total']} (" + ", ".join(
+                    f"{k} {v}" for k, v in health.items() if k != "total") + ")", flush=True)
             if not args.skip_offline:
                 best = max(range(len(levels)), key=lambda i: levels[i]["output_tokens_per_s"])
                 offline = run_offline(args, workloads[best])
@@ -449,6 +808,10 @@ def main(argv=None) -> dict:
         print(f"plot: {args.plot}")
     record = dict(
         base_url=args.base_url, start_server=args.start_server, engine_args=args.serve_args,
+        serve_env=args.serve_env, num_clients=args.num_clients,
+        health_check_failures=None if health is None else health["total"],
+        health_check_failures_by_kind=None if health is None else {
+            k: v for k, v in health.items() if k != "total"},
         endpoint=args.endpoint, num_prompts=args.num_prompts,
         input_len=None if args.mixed else args.input_len,
         output_len=None if args.mixed else args.output_len, mixed=args.mixed,

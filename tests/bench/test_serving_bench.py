@@ -30,10 +30,88 @@ def test_start_server_load_and_offline_compare(tmp_path, ray_cluster, tiny_chat_
         assert 0 < level["ttft_ms"][stat] <= level["e2e_ms"][stat]
         assert level["tpot_ms"][stat] > 0
     assert level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+    assert level["num_clients"] == 1 and level["client_cpu_util"] > 0
+    assert level["client_cpu_util_max"] == level["client_cpu_util"]
+    assert "Client CPU" in out and "Failed replica health checks" in out
+    assert isinstance(record["health_check_failures"], int) and record["health_check_failures"] >= 0
     offline = record["offline"]
     assert offline["output_tokens"] == 64 and offline["output_tokens_per_s"] > 0
     assert offline["http_over_offline"] > 0
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_client_processes_match_one_process(ray_cluster, tiny_chat_model, capsys):
+    """--num-clients 2 completes every request with the token counts of --num-clients 1,
+    in the same summary; --serve-env is recorded."""
+    common = ["--start-server", tiny_chat_model, "--engine-arg", "max_model_len=512",
+              "--skip-offline", "--num-prompts", "6", "--input-len", "12", "--output-len", "6",
+              "--concurrency", "--sweep", "1,3"]
+    one = serving.main(common)
+    two = serving.main([*common, "--num-clients", "2",
+                        "--serve-env", "SPMD_BENCH_SERVING_TEST=1"])
+    assert "Client processes" in capsys.readouterr().out
+    assert (one["num_clients"], two["num_clients"]) == (1, 2)
+    assert two["serve_env"] == {"SPMD_BENCH_SERVING_TEST": "1"} and one["serve_env"] == {}
+    for record in (one, two):
+        assert isinstance(record["health_check_failures"], int)
+        assert record["health_check_failures"] >= 0
+    for a, b, clients in zip(one["levels"], two["levels"], (1, 2)):  # concurrency 1: one client
+        assert a.keys() == b.keys() and a["level"] == b["level"]
+        for key in ("completed", "failed", "prompt_tokens", "output_tokens"):
+            assert a[key] == b[key], key
+        assert (b["completed"], b["output_tokens"], b["prompt_tokens"]) == (6, 6 * 6, 6 * 12)
+        assert (a["num_clients"], b["num_clients"]) == (1, clients)
+        assert a["client_cpu_util"] > 0 and b["client_cpu_util"] > 0
+        assert 0 < b["client_cpu_util_max"] <= b["client_cpu_util"]
+        assert 0 < b["ttft_ms"]["p50"] <= b["e2e_ms"]["p50"] and b["tpot_ms"]["p50"] > 0
+
+
+@pytest.mark.parametrize("n, load, level, clients, expected", [
+    (8, "concurrency", 4, 2, [([0, 2, 4, 6], 2), ([1, 3, 5, 7], 2)]),
+    (8, "concurrency", 3, 2, [([0, 2, 3, 5, 6], 2), ([1, 4, 7], 1)]),  # by slot: 2 + 1
+    (8, "concurrency", 1, 2, [(list(range(8)), 1)]),  # no more processes than slots
+    (5, "request_rate", float("inf"), 3, [([0, 3], 2), ([1, 4], 2), ([2], 1)]),
+    (2, "request_rate", 2.0, 4, [([0], 1), ([1], 1)]),  # nor than requests
+])
+def test_split_level(n, load, level, clients, expected):
+    assert serving.split_level(n, load, level, clients) == expected
+
+
+REPLICA = "Replica(id='43qmx4aw', deployment='LLMServer', app='bench-serving')"
+CONTROLLER_LINES = {  # as the Ray 2.60 controller writes them
+    "error": f"WARNING 2026-12-01 19:29:12,822 controller 16120 -- Health check for {REPLICA} "
+             "failed: ray::ServeReplica:bench-serving:LLMServer.check_health() (pid=16205)",
+    "timeout": "WARNING 2026-12-01 19:29:15,864 controller 16120 -- Didn't receive health check "
+               f"response for replica {REPLICA} after 1.0s, marking it unhealthy.",
+    "crashed": f"WARNING 2026-12-01 19:29:16,001 controller 16120 -- Actor for {REPLICA} crashed, "
+               "marking it unhealthy immediately.",
+    None: f"WARNING 2026-12-01 19:29:17,002 controller 16120 -- Replica {REPLICA} failed the "
+          "health check 3 times in a row, marking it unhealthy.\n"
+          f"WARNING 2026-12-01 19:29:17,003 controller 16120 -- Replica {REPLICA} failed health "
+          "check, stopping it.\n"
+          f"INFO 2026-12-01 19:29:13,870 controller 16120 -- {REPLICA} passed the health check "
+          "after 1 consecutive failures.",
+}
+
+
+def test_controller_logs_count_failed_health_checks_appended_since_start(tmp_path):
+    serve_dir = tmp_path / "logs" / "serve"
+    serve_dir.mkdir(parents=True)
+    old, rotated = serve_dir / "controller_1.log", serve_dir / "controller_2.log"
+    old.write_text(CONTROLLER_LINES["error"] + "\n")  # before the start: not counted
+    rotated.write_text("INFO ... controller 2 -- Controller starting\n" * 5)
+    logs = serving.ControllerLogs(str(tmp_path))
+    assert logs.count() == dict(total=0, error=0, timeout=0, crashed=0)
+    with old.open("a") as f:
+        f.write("\n".join(CONTROLLER_LINES.values()) + "\n")
+    (serve_dir / "controller_3.log").write_text(CONTROLLER_LINES["timeout"] + "\n")  # new
+    rotated.rename(str(rotated) + ".1")  # rotated meanwhile: its tail, then the new file
+    with open(str(rotated) + ".1", "a") as f:
+        f.write(CONTROLLER_LINES["crashed"] + "\n")
+    rotated.write_text(CONTROLLER_LINES["error"] + "\n")
+    assert logs.count() == dict(total=6, error=2, timeout=2, crashed=2)
+    assert serving.ControllerLogs(str(tmp_path / "elsewhere")).count() is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -45,6 +123,9 @@ def test_start_server_load_and_offline_compare(tmp_path, ray_cluster, tiny_chat_
     (["--request-rate", "0"], "must be > 0"),
     (["--num-prompts", "0"], "--num-prompts: must be >= 1"),
     (["--engine-arg", "max_model_len=512"], "needs --start-server"),
+    (["--serve-env", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"], "--serve-env: needs --start-server"),
+    (["--start-server", "m", "--serve-env", "RAY_SERVE_X"], "--serve-env: expected KEY=VALUE"),
+    (["--num-clients", "0"], "--num-clients: must be >= 1"),
     (["--start-server", "m", "--base-url", "http://127.0.0.1:1"], "give one of them"),
     (["--start-server", "m", "--engine-arg", "nonsense"], "KEY=VALUE"),
     (["--start-server", "m", "--engine-arg", "max_modle_len=512"], "unknown argument"),

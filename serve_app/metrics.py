@@ -37,6 +37,9 @@ class ServerMetrics:
                               "(0 to 1)", registry=r)
         self.kv_free_blocks = Gauge("spmd_kv_cache_free_blocks", "KV-cache blocks free to "
                                     "allocate (cached-but-unreferenced included)", registry=r)
+        self.step_in_flight = Gauge("spmd_engine_step_in_flight_seconds", "How long the engine "
+                                    "step in flight has run (0 between steps), as of the core's "
+                                    "last heartbeat", registry=r)
         self.kv_blocks = Gauge("spmd_kv_cache_blocks", "KV-cache blocks in all", registry=r)
 
     def render(self, stats: dict) -> bytes:
@@ -46,6 +49,7 @@ class ServerMetrics:
         self.kv_usage.set(stats["kv_usage"])
         self.kv_free_blocks.set(stats["num_free_blocks"])
         self.kv_blocks.set(stats["num_kv_blocks"])
+        self.step_in_flight.set(stats["step_running_s"])
         return generate_latest(self.registry)
 
     def timer(self, start: float) -> RequestTimer:

@@ -170,7 +170,9 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             results, stops = self.outputs.process(msg.outputs) if msg.outputs else ([], [])
+            step = msg.stats.num_steps if msg.stats is not None else None
             for out in results:
+                out.metrics["step"] = step  # the core's step count when it was produced
                 collector = self._collectors.get(out.request_id)
                 if collector is not None:
                     by_loop.setdefault(collector.loop, []).append((collector, out))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -69,6 +70,7 @@ class CoreClient:
         self._closing = False
         here = ray.get_runtime_context().get_node_id()
         self.actor = EngineCoreActor.options(
+            name=f"spmd-engine-core-{os.path.basename(self._dir)}",  # findable for operators
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),  # ipc: same node
         ).remote(config, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out",
                  config.parallel.core_heartbeat_interval_s)

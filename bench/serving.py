@@ -90,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --start-server: an engine or server option of serve_app:deploy "
                         "(repeat); the offline run gets the engine options")
     p.add_argument("--skip-offline", action="store_true", help="with --start-server: HTTP only")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="with --start-server: send the load to the replica's own port (Serve's "
+                        "direct ingress; needs --serve-env RAY_SERVE_ENABLE_DIRECT_INGRESS=1), "
+                        "bypassing the proxy")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    dest="serve_env_items",
                    help="with --start-server: an environment variable for Serve (repeat), e.g. "
@@ -150,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.timeout_s <= 0:
         p.error("--timeout-s: must be > 0")
 
+    if args.direct_ingress and args.start_server is None:
+        p.error("--direct-ingress: needs --start-server")
     if args.start_server is not None and args.base_url is not None:
         p.error("--base-url, --start-server: give one of them")
     if args.start_server is None:
@@ -633,7 +639,24 @@ def start_serve(args) -> str:
                 controller_options=controller)
     serve.run(deploy({**args.serve_args, "model": args.start_server}), name="bench-serving",
               route_prefix="/", blocking=False, logging_config=quiet)
+    if args.direct_ingress:
+        return replica_url("bench-serving")
     return f"http://127.0.0.1:{port}"
+
+
+def replica_url(app: str) -> str:
+    """The ingress replica's own HTTP address under Serve's direct ingress
+    (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, implied by ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    for group in ray.get(controller.get_target_groups.remote(app)):
+        if str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP" and group.targets:
+            # The replica binds Serve's HTTP host (127.0.0.1 here); the target names the node IP.
+            return f"http://127.0.0.1:{group.targets[0].port}"
+    raise RuntimeError("--direct-ingress: Serve lists no replica target; set "
+                       "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (--serve-env)")
 
 
 # What the Ray 2.60 Serve controller logs (ray/serve/_private/deployment_state.py,

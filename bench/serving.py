@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --start-server: an engine or server option of serve_app:deploy "
                         "(repeat); the offline run gets the engine options")
     p.add_argument("--skip-offline", action="store_true", help="with --start-server: HTTP only")
+    p.add_argument("--offline-matched", action="store_true",
+                   help="with --start-server and --concurrency: also run offline with "
+                        "max_num_seqs = the compared level (the same cap on requests in flight)")
     p.add_argument("--direct-ingress", action="store_true",
                    help="with --start-server: send the load to the replica's own port (Serve's "
                         "direct ingress; needs --serve-env RAY_SERVE_ENABLE_DIRECT_INGRESS=1), "
@@ -728,11 +731,15 @@ def _read_from(path: str, offset: int) -> str:
         return ""
 
 
-def run_offline(args, workload: Workload) -> dict:
-    """``LLM.generate`` on the same prompts with the same engine options; only generate is timed."""
+def run_offline(args, workload: Workload, max_num_seqs: int | None = None) -> dict:
+    """``LLM.generate`` on the same prompts with the same engine options (``max_num_seqs``
+    replaced when given); only generate is timed."""
     from spmd import LLM, SamplingParams
 
-    llm = LLM(**args.engine_kwargs)
+    kwargs = dict(args.engine_kwargs)
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    llm = LLM(**kwargs)
     try:
         prompts = [{"prompt_token_ids": ids} for ids in workload.prompts]
         if args.endpoint == "chat":
@@ -821,6 +828,17 @@ def main(argv=None) -> dict:
                       f"({args.load.replace('_', ' ')} {_level(levels[best])}), offline "
                       f"LLM.generate {offline['output_tokens_per_s']:.1f}, HTTP/offline "
                       f"{offline['http_over_offline']:.3f}", flush=True)
+                if args.offline_matched and args.load == "concurrency":
+                    # The same cap on requests in flight as the HTTP level had.
+                    level = int(levels[best]["level"])
+                    matched = run_offline(args, workloads[best], max_num_seqs=level)
+                    matched["max_num_seqs"] = level
+                    matched["http_over_offline"] = round(
+                        levels[best]["output_tokens_per_s"] / matched["output_tokens_per_s"], 4)
+                    offline["matched"] = matched
+                    print(f"Output tokens/s: offline LLM.generate at max_num_seqs={level} "
+                          f"{matched['output_tokens_per_s']:.1f}, HTTP/offline "
+                          f"{matched['http_over_offline']:.3f}", flush=True)
         finally:
             if not ray_was_up and ray.is_initialized():
                 ray.shutdown()

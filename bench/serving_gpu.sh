@@ -51,7 +51,7 @@ serve() {  # serve NAME ARGS...: one bench.serving run, JSON to $OUT/NAME.json
 for load in ${LOADS:-c512 c64 c1}; do
   case $load in
     c512) serve "${mode}_c512" --concurrency 512 --num-prompts 512 --input-len 256 --output-len 256 --num-clients 4 ;;
-    c64) serve "${mode}_c64" --concurrency --sweep 16,64 --num-prompts 256 --input-len 256 --output-len 128 --num-clients 2 ;;
+    c64) serve "${mode}_c64" --concurrency --sweep 16,64 --num-prompts 256 --input-len 256 --output-len 128 --num-clients 2 --offline-matched ;;
     c1) serve "${mode}_c1" --concurrency 1 --num-prompts 24 --input-len 256 --output-len 128 --skip-offline ;;
   esac
 done

@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"dummy) a preset: {', '.join(PRESETS)}")
     p.add_argument("--load-format", default="auto", choices=("auto", "safetensors", "gguf", "dummy"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda where a GPU is visible, else cpu")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="cuda: decode replays CUDA graphs, as when serving; the graph's kernels are in "
                         "the trace but in no table row. Default: eager, so every module is attributed")
@@ -76,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        from spmd.config import detect_device
+
+        args.device = detect_device()
     if is_preset(args.model) and args.load_format != "dummy":
         p.error(f"--model: preset {args.model!r} has no weights; add --load-format dummy")
     for name in ("batch_size", "input_len", "steps", "top"):

@@ -53,7 +53,8 @@ import numpy as np
 from bench.throughput import Workload, check_fits, emit_json, machine_info, make_workload
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
-SWEEP = "sweep"  # the value of a bare --concurrency / --request-rate
+SWEEP = "sweep"
+PROBE_DELAY_S = 1.0  # the value of a bare --concurrency / --request-rate
 # Chat prompts: one common word is about one token.
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have "
          "from or one had by word but not what all were we when your can said there use an "
@@ -90,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --start-server: an engine or server option of serve_app:deploy "
                         "(repeat); the offline run gets the engine options")
     p.add_argument("--skip-offline", action="store_true", help="with --start-server: HTTP only")
+    p.add_argument("--probe", action="store_true",
+                   help="per level: the TTFT of single requests sent idle and then while the "
+                        f"level's streams decode ({PROBE_DELAY_S:g} s in), median of 3 each "
+                        "(--num-clients 1 only)")
     p.add_argument("--offline-matched", action="store_true",
                    help="with --start-server and --concurrency: also run offline with "
                         "max_num_seqs = the compared level (the same cap on requests in flight)")
@@ -157,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.timeout_s <= 0:
         p.error("--timeout-s: must be > 0")
 
+    if args.probe and args.num_clients != 1:
+        p.error("--probe: needs --num-clients 1")
     if args.direct_ingress and args.start_server is None:
         p.error("--direct-ingress: needs --start-server")
     if args.start_server is not None and args.base_url is not None:
@@ -349,13 +356,43 @@ async def _load_in_process(args, model: str | None, workloads: list[Workload]) -
         levels = []
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
             bodies = request_bodies(workload, args.endpoint, model)
+            probes = _probe_bodies(args, model, i) if args.probe else []
+            idle = [await send(client, _path(args), b) for b in probes[:3]]
+            loaded = (asyncio.ensure_future(_probe_under_load(client, _path(args), probes[3:]))
+                      if probes else None)
             cpu = time.process_time()
             results, duration = await run_level(client, _path(args), bodies, args.load, level,
                                                 args.seed + i)
             cpu = time.process_time() - cpu
             levels.append(summarize(results, duration, args.load, level, client_cpu_s=[cpu]))
+            if loaded is not None:
+                levels[-1]["probe_ttft_ms"] = _probe_summary(idle, await loaded)
             print_level(levels[-1])
     return levels
+
+
+def _probe_bodies(args, model: str | None, level_index: int) -> list[dict]:
+    """Six one-off requests (fresh prompts: no prefix-cache hit), 3 idle then 3 under load."""
+    rng = np.random.default_rng(10_000 + args.seed + level_index)
+    prompts = [rng.integers(0, args.probe_vocab, args.input_len).tolist() for _ in range(6)]
+    return request_bodies(Workload(prompts, [2] * 6), args.endpoint, model)
+
+
+async def _probe_under_load(client, url: str, bodies: list[dict]) -> list[RequestResult]:
+    await asyncio.sleep(PROBE_DELAY_S)  # the level's streams are decoding by now
+    results = []
+    for body in bodies:
+        results.append(await send(client, url, body))
+        await asyncio.sleep(0.2)
+    return results
+
+
+def _probe_summary(idle: list[RequestResult], loaded: list[RequestResult]) -> dict:
+    med = lambda rs: (round(float(np.median([r.ttft_s for r in rs if r.ok])) * 1000, 2)
+                      if any(r.ok for r in rs) else None)
+    out = dict(idle=med(idle), loaded=med(loaded))
+    out["ratio"] = round(out["loaded"] / out["idle"], 2) if out["idle"] and out["loaded"] else None
+    return out
 
 
 def _load_in_processes(args, model: str | None, workloads: list[Workload]) -> list[dict]:
@@ -564,6 +601,10 @@ def print_level(s: dict) -> None:
     for label, key in (("TTFT (ms)", "ttft_ms"), ("TPOT (ms)", "tpot_ms"), ("E2E (ms)", "e2e_ms")):
         cells = "".join(f"{'-' if v is None else f'{v:.1f}':>14}" for v in s[key].values())
         print(f"{label:<14}{cells}")
+    if "probe_ttft_ms" in s:
+        probe = s["probe_ttft_ms"]
+        print(f"Probe TTFT (ms): idle {probe['idle']}, under load {probe['loaded']}, "
+              f"ratio {probe['ratio']}")
     for error in s["errors"]:
         print(f"  error: {error}")
     print(flush=True)
@@ -784,6 +825,7 @@ def main(argv=None) -> dict:
     if args.start_server is not None:
         model_vocab, max_model_len = _model_limits(args)
         vocab_size = args.vocab_size or model_vocab
+    args.probe_vocab = vocab_size
     workloads = [make_workload(_reseeded(args, args.seed + i), vocab_size)
                  for i in range(len(args.levels))]
     if max_model_len is not None:

@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed", action="store_true",
                    help="input length and max_tokens each uniform in %d..%d per request" % MIXED_RANGE)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu", help="cpu | cuda | spyre | tpu | tpu-emulated (hf: a torch device)")
+    p.add_argument("--device", default="auto", help="auto (cuda where a GPU is visible, else cpu) "
+                   "| cpu | cuda | spyre | tpu | tpu-emulated (hf: a torch device)")
     p.add_argument("--devices", default=None,
                    help="comma list of engine devices run side by side on the same prompts "
                         "(overrides --device for the engine backends); ratios are to the first")
@@ -113,6 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        from spmd.config import detect_device
+
+        args.device = detect_device()
     args.backends = [b.strip() for b in (args.backends or args.backend).split(",") if b.strip()]
     args.devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
     for b in args.backends:

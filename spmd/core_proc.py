@@ -33,7 +33,8 @@ from spmd.engine_core import EngineCore
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_MS = 1000  # an idle loop wakes this often to check for shutdown
+_IDLE_POLL_MS = 200  # an idle loop wakes this often to check for shutdown and dead ranks
+_RANK_CHECK_S = 2.0  # how often the heartbeat thread asks whether every rank is alive
 
 
 class EngineCoreProc:
@@ -53,6 +54,7 @@ class EngineCoreProc:
         self._step_started = 0.0  # time.monotonic() of the step in flight; 0: between steps
         self._stats = self.core.stats()
         self.running = True
+        self.fatal: str | None = None  # set by the heartbeat thread: a rank died
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -63,6 +65,8 @@ class EngineCoreProc:
         try:
             while self.running:
                 self._drain(block=not self.core.has_work())
+                if self.fatal is not None:
+                    raise RuntimeError(self.fatal)
                 if not self.running:
                     break
                 out = None
@@ -95,7 +99,7 @@ class EngineCoreProc:
         """Applies every message that has arrived; idle, waits for the first one."""
         if block:
             self.core.park()
-            while self.running and not self._input.poll(_IDLE_POLL_MS):
+            while self.running and self.fatal is None and not self._input.poll(_IDLE_POLL_MS):
                 pass
         while self.running:
             try:
@@ -142,8 +146,15 @@ class EngineCoreProc:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self._output_addr)
+        next_rank_check = time.monotonic() + _RANK_CHECK_S
         try:
             while self.running:
+                if time.monotonic() >= next_rank_check:
+                    dead = self.core.dead_ranks()
+                    next_rank_check = time.monotonic() + _RANK_CHECK_S
+                    if dead:
+                        self.fatal = f"rank(s) {dead} died"
+                        logger.error("engine core: %s", self.fatal)
                 started = self._step_started
                 stats = self._stats
                 if started:

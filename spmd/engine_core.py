@@ -212,6 +212,14 @@ class EngineCore:
             logger.info("warm-up %s: %.1f s", label, times[label])
         return times
 
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose actor is gone (asked through each rank's control thread, so it
+        answers during a step too); [] for the in-process rank."""
+        group = getattr(self.transport, "group", None)
+        if group is None or not group.actors:
+            return []
+        return group.stuck_ranks(timeout_s=5.0)[1]
+
     def park(self) -> None:
         """Nothing to run: the ranks sleep (instead of spinning on their channel)
         until the next step or call."""

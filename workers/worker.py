@@ -8,6 +8,7 @@ compositions, e.g. ``class CPUWorker(CPUMixin, Worker)``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -101,6 +102,10 @@ class Worker:
 
     def ping(self) -> str:
         return "ok"
+
+    def pid(self) -> int:
+        """The rank's process id (fault tests kill it)."""
+        return os.getpid()
 
     def initialize_cache(self, num_blocks: int) -> int:
         shape = self.model.kv_cache_shape(num_blocks, self.config.block_size)
@@ -256,4 +261,4 @@ class Worker:
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
-          "num_warmup_steps", "warm_up", "num_compiled_graphs"}
+          "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid"}

@@ -176,3 +176,31 @@ def test_killed_core_fails_streams_and_health_in_bounded_time(ray_cluster, tiny_
             asyncio.run(after())
     finally:
         eng.shutdown()
+
+
+def test_rank_dying_while_idle_fails_health_in_bounded_time(ray_cluster, tiny_dir):
+    eng = AsyncEngine(model=tiny_dir("llama"), skip_tokenizer_init=True, max_model_len=256,
+                      tensor_parallel_size=2)
+    try:
+        async def main():
+            async for _ in eng.generate({"prompt_token_ids": [1, 2]},
+                                        SamplingParams(max_tokens=2, **GREEDY)):
+                pass
+            return await eng.call_all("pid")
+
+        pids = asyncio.run(main())
+        eng.check_health()
+        os.kill(pids[1], signal.SIGKILL)  # the engine is idle: no step will notice
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            try:
+                eng.check_health()
+            except EngineDeadError as e:
+                assert "rank" in str(e) or "engine core" in str(e)
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a dead rank left the engine healthy for 20 s")
+        assert time.monotonic() - t0 < 10
+    finally:
+        eng.shutdown()

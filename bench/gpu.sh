@@ -9,16 +9,7 @@
 # Needs the carried wheels (.whl, from ../shared/device/make-wheels.sh): Ray and msgspec
 # are not on the GPU image. JSON lines and logs go to $OUT (or ./gpu-out).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-# NVLink multicast stays off: it can take a shared host's GPUs out of service.
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 fail=0

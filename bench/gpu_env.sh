@@ -1,0 +1,13 @@
+# Sourced by the GPU scripts (bench/gpu.sh, bench/serving_gpu.sh) on a lent device machine:
+# installs the carried wheels (.whl: Ray, msgspec, ... are not on the GPU image), sets the
+# environment every run shares, and makes $OUT.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+# NVLink multicast stays off: it can take a shared host's GPUs out of service.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

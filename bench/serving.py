@@ -357,9 +357,9 @@ async def _load_in_process(args, model: str | None, workloads: list[Workload]) -
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
             bodies = request_bodies(workload, args.endpoint, model)
             probes = _probe_bodies(args, model, i) if args.probe else []
-            idle = [await send(client, _path(args), b) for b in probes[:3]]
-            loaded = (asyncio.ensure_future(_probe_under_load(client, _path(args), probes[3:]))
-                      if probes else None)
+            idle = await asyncio.to_thread(_probe_thread, args, probes[:3], 0.0)
+            loaded = (asyncio.ensure_future(asyncio.to_thread(
+                _probe_thread, args, probes[3:], PROBE_DELAY_S)) if probes else None)
             cpu = time.process_time()
             results, duration = await run_level(client, _path(args), bodies, args.load, level,
                                                 args.seed + i)
@@ -378,13 +378,20 @@ def _probe_bodies(args, model: str | None, level_index: int) -> list[dict]:
     return request_bodies(Workload(prompts, [2] * 6), args.endpoint, model)
 
 
-async def _probe_under_load(client, url: str, bodies: list[dict]) -> list[RequestResult]:
-    await asyncio.sleep(PROBE_DELAY_S)  # the level's streams are decoding by now
-    results = []
-    for body in bodies:
-        results.append(await send(client, url, body))
-        await asyncio.sleep(0.2)
-    return results
+def _probe_thread(args, bodies: list[dict], delay_s: float) -> list[RequestResult]:
+    """The probes, one after another, from their own thread, event loop and connection, so
+    that the load generator's loop does not delay what they measure."""
+
+    async def probe() -> list[RequestResult]:
+        await asyncio.sleep(delay_s)  # under load: the level's streams are decoding by now
+        results = []
+        async with _client(args) as client:
+            for body in bodies:
+                results.append(await send(client, _path(args), body))
+                await asyncio.sleep(0.2)
+        return results
+
+    return asyncio.run(probe())
 
 
 def _probe_summary(idle: list[RequestResult], loaded: list[RequestResult]) -> dict:

@@ -180,7 +180,7 @@ def measure_engine(args) -> list[dict]:
             backend="inproc", skip_tokenizer_init=True, max_model_len=max_len,
             max_num_seqs=batch_size, block_size=args.block_size, max_num_batched_tokens=budget))
         engine.transport.shutdown()
-        engine.transport = InProcTransport(NullWorker, engine.rank_config)
+        engine.core.transport = InProcTransport(NullWorker, engine.rank_config)
         try:
             rng = np.random.default_rng(args.seed)
             params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)

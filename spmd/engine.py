@@ -5,6 +5,8 @@ thread. Serving splits the same three parts across two processes
 
 from __future__ import annotations
 
+import time
+
 from spmd.config import EngineConfig
 from spmd.engine_core import EngineCore
 from spmd.input_processor import InputProcessor
@@ -59,9 +61,11 @@ class Engine:
         out = self.core.step()
         if out is None:
             return []
+        t0 = time.perf_counter()
         results, stops = self.outputs.process(out.outputs)
         for request_id, index in stops:  # before the next schedule, as if the core had seen it
             self.core.stop_sequence(request_id, index)
+        self.core.last_step_stats["process_s"] += time.perf_counter() - t0  # the core's + ours
         return results
 
     def park(self) -> None:

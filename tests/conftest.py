@@ -103,3 +103,12 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
                       eos_token_id=smollm2_tokenizer.eos_token_id)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a Serve app's HTTP options)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

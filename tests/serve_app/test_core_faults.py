@@ -5,24 +5,18 @@ killing the core gives in-flight clients an OpenAI-style 503 and fails /health."
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
+from conftest import free_port
 from serve_app import deploy
 
 pytestmark = pytest.mark.slow
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def base_url(ray_cluster, tiny_dir):
     # A 4,000-token prefill of this model is a step of seconds on two cores.
     model = tiny_dir("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deploy({"model": model, "skip_tokenizer_init": "true", "max_model_len": "8192",
                       "max_num_batched_tokens": "4096", "core_heartbeat_timeout_s": "3",

@@ -5,7 +5,6 @@ errors, metrics, and aborts of dropped streams."""
 import asyncio
 import json
 import re
-import socket
 import time
 
 import httpx
@@ -13,6 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
 from serve_app import deploy
 from spmd import LLM, SamplingParams
 
@@ -26,17 +26,11 @@ PROMPTS = ["Hello there", "The capital of France is", "1 2 3 4"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(ray_cluster, tiny_chat_model):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deploy({"model": tiny_chat_model, "max_model_len": str(MAX_MODEL_LEN),
                       "api_key": API_KEY, "served_model_name": MODEL,

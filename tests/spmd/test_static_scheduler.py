@@ -114,7 +114,7 @@ def test_warmup_shapes_config():
         (dict(device="spyre", warmup_shapes="200,100,1", max_model_len=256),
          "needs 300 tokens of context; max_model_len=256"),
         (dict(device="spyre", warmup_shapes="64,16,4", compile_backend="xla"), "compile_backend"),
-        (dict(device="gpu"), "device: must be one of cpu, cuda, spyre, tpu, tpu-emulated"),
+        (dict(device="gpu"), "device: must be one of auto, cpu, cuda, spyre, tpu, tpu-emulated"),
     ]:
         with pytest.raises(ValueError, match=match):
             EngineConfig.from_kwargs(**kwargs)

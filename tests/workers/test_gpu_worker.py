@@ -21,7 +21,7 @@ def test_graph_ladder_covers_every_batch_up_to_the_limit():
 
 def test_cuda_config_options_are_validated():
     assert EngineConfig.from_kwargs(device="cuda").dtype == "bfloat16"
-    with pytest.raises(ValueError, match="device: must be one of cpu, cuda"):
+    with pytest.raises(ValueError, match="device: must be one of auto, cpu, cuda"):
         EngineConfig.from_kwargs(device="gpu0")
     with pytest.raises(ValueError, match="cuda_graph_max_batch_size: must be >= 0"):
         EngineConfig.from_kwargs(cuda_graph_max_batch_size=-1)

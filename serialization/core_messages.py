@@ -77,6 +77,7 @@ class SeqDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     stop_token: int | None = None  # the stop token id that finished it
     num_cached_tokens: int = 0  # prefix-cache hit at its first schedule
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked
+    arrival_step: int = -1  # with the first token: the core's step count when it took the request
 
 
 class RequestError(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -144,7 +144,12 @@ class CoreClient:
             now = time.monotonic()
             if now >= next_watch:
                 next_watch = now + _WATCH_EVERY_S
-                if not self._alive(now):
+                try:
+                    alive = self._alive(now)
+                except Exception as e:  # Ray itself is gone (shut down under us)
+                    self._die(f"Ray is gone ({type(e).__name__})")
+                    return
+                if not alive:
                     return
 
     def _dispatch(self, msg) -> bool:

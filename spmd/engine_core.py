@@ -97,6 +97,7 @@ class EngineCore:
         self._requests[req.request_id] = children
         for i, child in enumerate(children):
             self._owner[child.seq_id] = (req.request_id, i)
+            child.arrival_step = self.stats_total["steps"]
         try:
             for child in children:
                 self.scheduler.add_request(child)
@@ -167,7 +168,8 @@ class EngineCore:
             deltas.append(SeqDelta(
                 parent, index, [token], finish,
                 token if finish == "stop" and token in req.stop_token_ids else None,
-                req.num_cached_tokens, None if lp is None else [lp]))
+                req.num_cached_tokens, None if lp is None else [lp],
+                req.arrival_step if len(req.output_token_ids) == 1 else -1))
             if finish is not None:
                 finished.append(parent)
         for parent in finished:

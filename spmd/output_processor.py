@@ -15,7 +15,8 @@ from spmd.sampling_params import SamplingParams
 
 class _Tracked:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "completions", "detok",
-                 "sent", "arrival_time", "first_token_time", "num_cached_tokens", "holdback")
+                 "sent", "arrival_time", "first_token_time", "num_cached_tokens", "holdback",
+                 "arrival_step")
 
     def __init__(self, request_id, prompt, prompt_ids, params: SamplingParams, tokenizer,
                  arrival_time: float):
@@ -36,6 +37,7 @@ class _Tracked:
         self.arrival_time = arrival_time
         self.first_token_time = None
         self.num_cached_tokens = 0
+        self.arrival_step = None
 
 
 class OutputProcessor:
@@ -83,6 +85,8 @@ class OutputProcessor:
             touched[d.request_id] = tracked
             tracked.first_token_time = tracked.first_token_time or now
             tracked.num_cached_tokens = d.num_cached_tokens
+            if d.arrival_step >= 0 and tracked.arrival_step is None:
+                tracked.arrival_step = d.arrival_step
             comp.token_ids.extend(d.new_token_ids)
             if d.logprobs is not None and comp.logprobs is not None:
                 self._add_logprobs(tracked, comp, d)
@@ -134,7 +138,8 @@ class OutputProcessor:
 
     def _output(self, tracked: _Tracked, completions: list[CompletionOutput], finished: bool,
                 now: float) -> RequestOutput:
-        metrics = dict(arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time)
+        metrics = dict(arrival_time=tracked.arrival_time, first_token_time=tracked.first_token_time,
+                       arrival_step=tracked.arrival_step)
         if finished:
             metrics["finished_time"] = now
         return RequestOutput(tracked.request_id, tracked.prompt, tracked.prompt_token_ids,

@@ -40,7 +40,7 @@ class Request:
         "request_id", "seq_id", "prompt_token_ids", "output_token_ids", "max_tokens",
         "stop_token_ids", "min_tokens", "sampling", "arrival_time", "status",
         "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks",
-        "num_cached_tokens", "num_preemptions", "_all_token_ids",
+        "num_cached_tokens", "num_preemptions", "_all_token_ids", "arrival_step",
     )
 
     def __init__(
@@ -70,6 +70,7 @@ class Request:
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.num_cached_tokens = 0  # prefix-cache hit at first schedule (usage reporting)
         self.num_preemptions = 0
+        self.arrival_step = 0  # the engine's step count when it took the request
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
     @property

@@ -52,7 +52,8 @@ def test_core_is_another_process_and_streams_match_transformers(engine, tiny_dir
 
 def test_request_arriving_mid_decode_gets_its_first_token_within_two_steps(engine):
     """32 streams decode; a new request's first token comes from the step that runs its
-    prefill, at most two steps after the one in flight when it arrived."""
+    prefill, at most two steps after the one in flight when it arrived (counted by the core:
+    its step count when it took the request, and when it sampled the first token)."""
     params = SamplingParams(max_tokens=200, **GREEDY)
 
     async def stream(i):
@@ -71,7 +72,8 @@ def test_request_arriving_mid_decode_gets_its_first_token_within_two_steps(engin
                                   SamplingParams(max_tokens=1, **GREEDY), delta=True)
             first = await anext(gen)
             await gen.aclose()
-            waits.append(first.metrics["step"] - steps_before)
+            assert first.metrics["arrival_step"] >= steps_before  # it arrived mid-decode
+            waits.append(first.metrics["step"] - first.metrics["arrival_step"])
         running = (await engine.fresh_stats())["num_running"]
         for task in background:
             task.cancel()

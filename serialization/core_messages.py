@@ -114,7 +114,6 @@ class Heartbeat(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="bea
 
     timestamp: float
     stats: CoreStats
-    errors: list[RequestError] = []
 
 
 class UtilityResult(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="result"):

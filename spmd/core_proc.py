@@ -132,9 +132,6 @@ class EngineCoreProc:
                 return UtilityResult(msg.call_id, msgspec.structs.asdict(self._stats))
             if msg.method == "call_all":
                 return UtilityResult(msg.call_id, self.core.call_all(*msg.args))
-            if msg.method == "step_stats":
-                return UtilityResult(msg.call_id, dict(last=self.core.last_step_stats,
-                                                       total=self.core.stats_total))
             return UtilityResult(msg.call_id, error=f"unknown engine-core call {msg.method!r}")
         except Exception as e:
             return UtilityResult(msg.call_id, error=f"{type(e).__name__}: {e}")

@@ -135,8 +135,11 @@ class AsyncEngine:
         with self._lock:
             collector = self._collectors.pop(request_id, None)
             running = self.outputs.abort(request_id)
-        if running:
-            self.client.send(AbortRequests([request_id]))
+        if running and self._dead is None:
+            try:
+                self.client.send(AbortRequests([request_id]))
+            except EngineDeadError:  # the core is gone: nothing left to abort
+                pass
         if collector is not None:
             collector.fail(asyncio.CancelledError(f"request {request_id} aborted"))
 

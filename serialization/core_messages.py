@@ -97,6 +97,7 @@ class CoreStats(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_steps: int = 0
     num_preemptions: int = 0
     step_running_s: float = 0.0  # how long the step in flight has run; 0: between steps
+    num_failed_steps: int = 0  # steps that raised on the ranks (their requests failed)
 
 
 class StepOutputs(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="step"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from spmd import Logprob, SamplingParams
 
@@ -43,6 +43,33 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI / vLLM fields this server does not implement: accepted in the schema only to
+    # be refused with a 400 naming them (never silently ignored) unless given as a no-op.
+    best_of: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def _refuse_unsupported(self) -> None:
+        noop = {"best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
+                "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
+                "functions": (None, []), "function_call": (None, "none"),
+                "response_format": (None, {"type": "text"})}
+        for name in ("best_of", "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
+                     "functions", "function_call", "response_format", "guided_json",
+                     "guided_regex", "guided_choice", "guided_grammar"):
+            value = getattr(self, name)
+            if not any(value == ok and type(value) is type(ok) for ok in noop.get(name, (None,))):
+                raise ValueError(f"{name}: not supported by this server (structured outputs "
+                                 "and tool calling are not implemented yet); leave it out")
 
     @property
     def include_usage(self) -> bool:
@@ -50,6 +77,7 @@ class _SamplingFields(_Request):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ``SamplingParams``' ``ValueError`` (naming the field) for out-of-range values."""
+        self._refuse_unsupported()
         given = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                      min_p=self.min_p, presence_penalty=self.presence_penalty,
                      frequency_penalty=self.frequency_penalty,
@@ -67,6 +95,12 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: Any = None
+
+    def _refuse_unsupported(self) -> None:
+        if self.suffix is not None:
+            raise ValueError("suffix: not supported by this server; leave it out")
+        super()._refuse_unsupported()
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -98,14 +132,30 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class ChatMessage(BaseModel):
-    # Extra keys (name, ...) reach the chat template.
+    # Extra keys (name, tool_calls, tool_call_id, ...) reach the chat template.
     model_config = ConfigDict(strict=True, extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
 
+    @model_validator(mode="after")
+    def _check_role(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role: {self.role!r} is not one of {', '.join(ROLES)}")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: must be a string or a list of text parts for role "
+                             f"{self.role!r} (only an assistant message may have null content)")
+        return self
+
     def for_template(self) -> dict:
         msg = self.model_dump(exclude_none=True)
+        if self.role == "developer":  # OpenAI's newer name for system; templates know system
+            msg["role"] = "system"
+        if self.content is None:
+            msg["content"] = ""
         if isinstance(self.content, list):
             if any(part.type != "text" for part in self.content):
                 raise ValueError("messages: only text content parts are supported")

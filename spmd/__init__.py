@@ -2,9 +2,11 @@
 
 from spmd.async_engine import AsyncEngine
 from spmd.config import EngineConfig
+from spmd.engine import RequestFailedError
 from spmd.llm import LLM
 from spmd.outputs import CompletionOutput, Logprob, RequestOutput
 from spmd.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "RequestOutput",
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "RequestFailedError",
+           "RequestOutput",
            "SamplingParams"]

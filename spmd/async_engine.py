@@ -70,7 +70,7 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig | None = None, **kwargs):
         self.config = config or EngineConfig.from_kwargs(**kwargs)
-        self.inputs = InputProcessor(self.config)
+        self.inputs = InputProcessor(self.config, clamp_max_tokens=False)
         self.outputs = OutputProcessor(self.inputs.tokenizer, stream=True)
         # Guards the output processor and the collectors between the receiver thread and
         # the event loop(s); held for one step's bookkeeping, never for a step.
@@ -240,4 +240,5 @@ def _stats_dict(stats) -> dict:
     return dict(num_running=stats.num_running, num_waiting=stats.num_waiting,
                 kv_usage=stats.kv_usage, num_kv_blocks=stats.num_kv_blocks,
                 num_free_blocks=stats.num_free_blocks, num_steps=stats.num_steps,
-                num_preemptions=stats.num_preemptions, step_running_s=stats.step_running_s)
+                num_preemptions=stats.num_preemptions, step_running_s=stats.step_running_s,
+                num_failed_steps=stats.num_failed_steps)

@@ -70,6 +70,17 @@ class SchedulerConfig:
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request limits, checked where a request enters (vLLM-like defaults)."""
+
+    max_n: int = 128  # sequences per request (never more than max_num_seqs)
+    max_logprobs: int = 20  # logprobs / top_logprobs (vLLM's max_logprobs)
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 512
+    max_stop_token_ids: int = 256
+
+
 DEVICES = ("auto", "cpu", "cuda", "spyre", "tpu", "tpu-emulated")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
 
@@ -135,6 +146,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def __post_init__(self):
         _check(self.parallel.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
@@ -163,6 +175,10 @@ class EngineConfig:
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")
         _check(self.scheduler.cuda_graph_max_batch_size >= 0, "cuda_graph_max_batch_size",
                "must be >= 0")
+        for name in ("max_n", "max_logprobs", "max_stop_strings", "max_stop_string_chars",
+                     "max_stop_token_ids"):
+            _check(getattr(self.limits, name) >= 0 and (name != "max_n" or self.limits.max_n >= 1),
+                   name, "must be >= 1" if name == "max_n" else "must be >= 0")
         self._check_static_shapes()
 
     def _check_static_shapes(self) -> None:
@@ -233,7 +249,7 @@ class EngineConfig:
 
 
 _PARTS = {"model": ModelConfig, "parallel": ParallelConfig, "cache": CacheConfig,
-          "scheduler": SchedulerConfig, "device": DeviceConfig}
+          "scheduler": SchedulerConfig, "device": DeviceConfig, "limits": LimitsConfig}
 
 
 def _check(ok: bool, name: str, limit: str) -> None:

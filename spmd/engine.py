@@ -15,6 +15,15 @@ from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
 
 
+class RequestFailedError(RuntimeError):
+    """Requests the engine stopped because their step failed on the ranks; the engine
+    itself goes on serving. ``request_ids`` names them."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 class Engine:
     """``add_request`` / ``step`` / ``abort_request`` over an in-process ``EngineCore``."""
 
@@ -61,6 +70,11 @@ class Engine:
         out = self.core.step()
         if out is None:
             return []
+        if out.errors:
+            ids = [e.request_id for e in out.errors]
+            for request_id in ids:
+                self.outputs.abort(request_id)
+            raise RequestFailedError(f"requests {ids}: {out.errors[0].message}", ids)
         t0 = time.perf_counter()
         results, stops = self.outputs.process(out.outputs)
         for request_id, index in stops:  # before the next schedule, as if the core had seen it

@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 import ray
 
 from dag import Transport, make_transport
+from dag.errors import RankFailure
 from serialization import (
     CoreStats,
     EngineCoreRequest,
     RankCall,
+    RequestError,
     SamplerOutput,
     SeqDelta,
     StepOutputs,
@@ -78,7 +80,8 @@ class EngineCore:
         self._next_seq_id = 0
         self.last_step_stats: dict = {}
         self._last_rank_step = (0.0, 0)
-        self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0)
+        self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0,
+                                failed_steps=0)
         self._closed = False
 
     # ---- requests -----------------------------------------------------------------
@@ -134,10 +137,18 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
             return None
-        data = encode(to_message(sched))
+        try:
+            data = encode(to_message(sched))
+        except Exception as e:  # a value the wire format cannot carry (validation missed it)
+            return self._fail_step(sched, f"the step could not be encoded: {type(e).__name__}: {e}")
         t_send = time.perf_counter()
         expected_s = self._expected_step_s(sched.total_num_scheduled_tokens)
-        out = decode_output(self.transport.step(data, expected_s))
+        try:
+            out = decode_output(self.transport.step(data, expected_s))
+        except RankFailure as e:
+            if e.fatal:  # a dead or hung rank, or a broken transport: the engine stops
+                raise
+            return self._fail_step(sched, str(e))
         t_back = time.perf_counter()
         self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
@@ -155,6 +166,26 @@ class EngineCore:
             message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,
             rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
         return StepOutputs(step_id=sched.step_id, outputs=deltas, timestamp=time.time())
+
+    def _fail_step(self, sched, detail: str) -> StepOutputs:
+        """A step that raised on the ranks (or could not be sent) fails the requests it
+        ran, and only those: every rank forgets that step's sequences, the scheduler
+        frees their blocks, each gets a ``RequestError``, and the engine goes on."""
+        failed = self.scheduler.fail_step(sched)
+        parents = list(dict.fromkeys(self._owner[r.seq_id][0] for r in failed
+                                     if r.seq_id in self._owner))
+        logger.error("step %d failed; stopping its %d request(s) %s: %s", sched.step_id,
+                     len(parents), parents[:8], detail)
+        step_seqs = [seq_id for seq_id, _ in sched.scheduled] + list(sched.finished_ids)
+        self.call_all("forget", step_seqs, list(sched.preempted_ids))
+        for parent in parents:  # its other sequences end too (announced at the next step)
+            self.abort_request(parent)
+        self.stats_total["failed_steps"] += 1
+        message = ("internal error: the step running this request failed on the engine's "
+                   "ranks; the request was stopped (details are in the server log)")
+        return StepOutputs(step_id=sched.step_id, outputs=[],
+                           errors=[RequestError(p, message, 500) for p in parents],
+                           timestamp=time.time())
 
     def _deltas(self, updated: list[Request], out: SamplerOutput) -> list[SeqDelta]:
         logprobs = _logprobs_by_seq(out) if out.logprob_seq_ids else {}
@@ -189,7 +220,8 @@ class EngineCore:
                          num_free_blocks=getattr(getattr(sched, "block_pool", None),
                                                  "num_free_blocks", 0),
                          num_steps=self.stats_total["steps"],
-                         num_preemptions=self.stats_total["preemptions"])
+                         num_preemptions=self.stats_total["preemptions"],
+                         num_failed_steps=self.stats_total["failed_steps"])
 
     def _expected_step_s(self, num_tokens: int) -> float:
         """A cautious guess of the step's duration: the last step's rank-measured time

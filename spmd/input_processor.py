@@ -27,8 +27,15 @@ class ModelInfo:
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig, info: ModelInfo | None = None):
+    """``clamp_max_tokens``: a ``max_tokens`` beyond the context is cut to fit (offline,
+    as vLLM's ``LLM`` does) instead of refused (the server, as OpenAI and vLLM do)."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo | None = None, *,
+                 clamp_max_tokens: bool = True):
         self.info = info or ModelInfo(config)
+        self.limits = config.limits
+        self.max_num_seqs = config.scheduler.max_num_seqs
+        self.clamp_max_tokens = clamp_max_tokens
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
             from spmd.tokenizer import load_tokenizer
@@ -44,6 +51,7 @@ class InputProcessor:
                 arrival_time: float | None = None) -> tuple[str | None, list[int], EngineCoreRequest]:
         """``(prompt text or None, prompt token ids, the core's request)``; ``ValueError``
         naming the field and the limit for bad input."""
+        self._check_limits(params)
         text, prompt_ids = self._tokenize(prompt)
         max_len = self.info.max_model_len
         if not prompt_ids:
@@ -54,10 +62,16 @@ class InputProcessor:
         vocab = self.info.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab}) (vocab_size)")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"logprobs: {params.logprobs} exceeds vocab_size={vocab}")
         budget = max_len - len(prompt_ids)
-        max_tokens = budget if params.max_tokens is None else min(params.max_tokens, budget)
+        if params.max_tokens is None:
+            max_tokens = budget
+        elif params.max_tokens <= budget or self.clamp_max_tokens:
+            max_tokens = min(params.max_tokens, budget)
+        else:
+            raise ValueError(
+                f"max_tokens: {params.max_tokens} exceeds the room left in the context: the "
+                f"prompt has {len(prompt_ids)} tokens and max_model_len is {max_len}, so at "
+                f"most {budget} tokens can be generated")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -68,19 +82,49 @@ class InputProcessor:
             arrival_time=time.time() if arrival_time is None else arrival_time)
         return text, prompt_ids, request
 
+    def _check_limits(self, params: SamplingParams) -> None:
+        """The engine's per-request limits (``LimitsConfig``), each a ``ValueError``
+        naming the field, the value and the limit."""
+        lim = self.limits
+        max_n = min(lim.max_n, self.max_num_seqs)
+        if params.n > max_n:
+            which = "max_n" if lim.max_n <= self.max_num_seqs else "max_num_seqs"
+            raise ValueError(f"n: {params.n} exceeds the limit of {max_n} ({which})")
+        vocab = self.info.vocab_size
+        max_logprobs = min(lim.max_logprobs, vocab)
+        if params.logprobs is not None and params.logprobs > max_logprobs:
+            raise ValueError(f"logprobs: {params.logprobs} exceeds the limit of {max_logprobs} "
+                             "(max_logprobs)")
+        if len(params.stop) > lim.max_stop_strings:
+            raise ValueError(f"stop: {len(params.stop)} strings exceed the limit of "
+                             f"{lim.max_stop_strings} (max_stop_strings)")
+        if params.stop and (longest := max(map(len, params.stop))) > lim.max_stop_string_chars:
+            raise ValueError(f"stop: a string of {longest} characters exceeds the limit of "
+                             f"{lim.max_stop_string_chars} (max_stop_string_chars)")
+        if len(params.stop_token_ids) > lim.max_stop_token_ids:
+            raise ValueError(f"stop_token_ids: {len(params.stop_token_ids)} ids exceed the limit "
+                             f"of {lim.max_stop_token_ids} (max_stop_token_ids)")
+
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), self._tokenize(list(prompt["prompt_token_ids"]))[1]
             prompt = prompt.get("prompt")
         if isinstance(prompt, (list, tuple)):
-            return None, [int(t) for t in prompt]
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt_token_ids: must be a list of ints")
+            return None, list(prompt)
         if not isinstance(prompt, str):
             raise ValueError("prompt: must be a string, a list of token ids or "
                              "{'prompt_token_ids': [...]}")
         if self.tokenizer is None:
             raise ValueError("prompt: a text prompt needs a tokenizer (skip_tokenizer_init=True "
                              "serves {'prompt_token_ids': [...]} only)")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prompt: not valid Unicode (a lone surrogate at character "
+                             f"{e.start})") from None
         return prompt, self.tokenizer.encode(prompt)
 
 

@@ -63,6 +63,26 @@ class RequestQueues:
             self.waiting.remove(req)
         self._free_request(req, status)
 
+    def fail_step(self, out: SchedulerOutput) -> list[Request]:
+        """A step that failed on the ranks (or could not be sent): its scheduled requests
+        end, their blocks are freed here, and they are not announced as finished (the
+        engine tells the ranks to forget every sequence of that step). Returns them."""
+        self._awaiting_update = False
+        step_seqs = {seq_id for seq_id, _ in out.scheduled}
+        self._finished_ids = [s for s in self._finished_ids if s not in step_seqs]
+        failed = []
+        for req in out.scheduled_requests:
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+                self._release(req)
+                req.status = RequestStatus.FINISHED_ABORTED
+                del self.requests[req.request_id]
+                failed.append(req)
+        return failed
+
+    def _release(self, req: Request) -> None:
+        """Frees what the scheduler holds for ``req`` (KV blocks); nothing by default."""
+
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
 
@@ -297,9 +317,12 @@ class Scheduler(RequestQueues):
         self.waiting.appendleft(req)
 
     def _free_request(self, req: Request, status: RequestStatus) -> None:
+        self._release(req)
+        super()._free_request(req, status)
+
+    def _release(self, req: Request) -> None:
         self.block_pool.free(req.block_ids)
         req.block_ids = []
-        super()._free_request(req, status)
 
     def _hash_full_blocks(self, req: Request) -> None:
         """Extends ``req.block_hashes`` over blocks its tokens newly fill."""

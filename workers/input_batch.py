@@ -98,14 +98,9 @@ class InputBatch:
 
     def apply(self, msg: ExecuteModelRequest) -> None:
         for seq_id in unpack_i32(msg.finished_ids).tolist():
-            row = self.states.pop(seq_id).row
-            self.row_states[row] = None
-            self._free_rows.append(row)
+            self.drop(seq_id)
         for seq_id in unpack_i32(msg.preempted_ids).tolist():
-            state = self.states[seq_id]
-            state.running = False
-            self.num_computed[state.row] = 0
-            self.num_blocks[state.row] = 0
+            self.preempt(seq_id)
         for req in msg.new_requests:
             row = self._take_row()
             prompt = np.frombuffer(req.prompt_token_ids, dtype="<i4")
@@ -129,6 +124,22 @@ class InputBatch:
             start = self.num_blocks[row]
             self.block_table[row, start : start + len(new)] = new
             self.num_blocks[row] = start + len(new)
+
+    def drop(self, seq_id: int) -> bool:
+        """Forgets a sequence and frees its row; False if it was not here."""
+        state = self.states.pop(seq_id, None)
+        if state is None:
+            return False
+        self.row_states[state.row] = None
+        self._free_rows.append(state.row)
+        return True
+
+    def preempt(self, seq_id: int) -> None:
+        """Keeps a sequence's tokens but not its blocks (it resumes by recompute)."""
+        state = self.states[seq_id]
+        state.running = False
+        self.num_computed[state.row] = 0
+        self.num_blocks[state.row] = 0
 
     def _set_blocks(self, row: int, block_ids: bytes) -> None:
         ids = np.frombuffer(block_ids, dtype="<i4")

@@ -55,6 +55,7 @@ class Worker:
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
         self._thread = threading.get_ident()
+        self._fault: tuple[str, object] | None = None  # fail_next_step / hang_next_step
         # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -172,6 +173,27 @@ class Worker:
         """Test hook: this rank raises (the engine must name it)."""
         raise RuntimeError(message)
 
+    def forget(self, seq_ids: list[int], preempted_ids: list[int]) -> int:
+        """After a failed step: drops every sequence of it (whatever part of the step was
+        applied before the failure) and applies its preemptions, so that every rank ends
+        in the state the engine expects. Returns how many sequences were dropped."""
+        dropped = sum(self.batch.drop(s) for s in seq_ids)
+        for seq_id in preempted_ids:
+            if seq_id in self.batch.states:
+                self.batch.preempt(seq_id)
+        return dropped
+
+    def fail_next_step(self, message: str) -> bool:
+        """Test hook: the next step raises ``message`` on this rank, after applying its
+        delta (a failure attributable to that step's requests)."""
+        self._fault = ("fail", message)
+        return True
+
+    def hang_next_step(self, seconds: float) -> bool:
+        """Test hook: the next step stalls this rank for ``seconds`` (a hung rank)."""
+        self._fault = ("hang", seconds)
+        return True
+
     def sleep(self, seconds: float) -> bool:
         """Test hook: this rank stops answering for a while (the engine must time out)."""
         time.sleep(seconds)
@@ -183,6 +205,11 @@ class Worker:
         t0 = time.perf_counter()
         self.batch.validate(msg)
         self.batch.apply(msg)
+        if self._fault is not None and msg.scheduled_seq_ids:
+            (kind, arg), self._fault = self._fault, None
+            if kind == "fail":
+                raise RuntimeError(arg)
+            time.sleep(arg)
         if not msg.scheduled_seq_ids:
             return SamplerOutput(step_id=msg.step_id)
         inputs = self.batch.prepare(msg)
@@ -261,4 +288,5 @@ class Worker:
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
-          "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid"}
+          "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
+          "fail_next_step", "hang_next_step"}

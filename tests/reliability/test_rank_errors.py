@@ -1,0 +1,77 @@
+"""A rank error attributable to one step fails that step's requests, and only those:
+every rank forgets the step's sequences, their KV blocks come back, and the next
+requests match transformers. Only a dead or hung rank stops the engine."""
+
+import pytest
+
+from conftest import hf_greedy, mixed_prompts
+from spmd import LLM, RequestFailedError, SamplingParams
+from dag.errors import RankFailure
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+@pytest.mark.parametrize("backend,tp", [("inproc", 1), ("dag", 2)])
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(ray_cluster, tiny_dir, backend,
+                                                                 tp):
+    path = tiny_dir("llama")
+    prompts = mixed_prompts(6, 256, seed=11)
+    ref = hf_greedy(path, prompts, 8)
+    llm = LLM(path, tensor_parallel_size=tp, backend=backend, skip_tokenizer_init=True,
+              max_model_len=256)
+    engine = llm.engine
+    try:
+        # Two requests already decoding, then two more join; the step that runs all four fails.
+        engine.add_request("a", _ids(prompts[:1])[0], SamplingParams(temperature=0, max_tokens=50,
+                                                                     ignore_eos=True, n=2))
+        engine.step()
+        engine.step()
+        engine.call_all("fail_next_step", "injected fault")
+        engine.add_request("b", _ids(prompts[1:2])[0], GREEDY)
+        with pytest.raises(RequestFailedError) as err:
+            engine.step()
+        assert sorted(err.value.request_ids) == ["a", "b"]
+        assert "injected fault" not in str(err.value)  # the rank's text stays in the log
+        engine.step()  # announces what is left to free
+        assert not engine.has_unfinished_requests()
+        assert engine.call_all("num_live_requests") == [0] * tp
+        assert engine.scheduler.block_pool.num_free_blocks == engine.num_kv_blocks
+        assert engine.stats_total["failed_steps"] == 1
+        # The engine serves on, exactly.
+        outs = llm.generate(_ids(prompts), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == ref
+        assert engine.call_all("num_live_requests") == [0] * tp
+    finally:
+        llm.shutdown()
+
+
+def test_a_failed_step_inside_generate_raises_and_the_next_generate_works(ray_cluster, tiny_dir):
+    path = tiny_dir("llama")
+    prompts = mixed_prompts(4, 256, seed=12)
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=256)
+    try:
+        llm.engine.call_all("fail_next_step", "injected fault")
+        with pytest.raises(RequestFailedError):
+            llm.generate(_ids(prompts), GREEDY, use_tqdm=False)
+        outs = llm.generate(_ids(prompts), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 8)
+        assert llm.engine.scheduler.block_pool.num_free_blocks == llm.engine.num_kv_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_a_hung_rank_stops_the_engine_through_the_step_timeout(ray_cluster, tiny_dir):
+    llm = LLM(tiny_dir("llama"), skip_tokenizer_init=True, max_model_len=256, step_timeout_s=2)
+    try:
+        llm.engine.call_all("hang_next_step", 30)
+        with pytest.raises(RankFailure, match="timed out") as err:
+            llm.generate(_ids(mixed_prompts(2, 256)), GREEDY, use_tqdm=False)
+        assert err.value.fatal
+    finally:
+        llm.shutdown()

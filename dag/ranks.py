@@ -52,6 +52,12 @@ class RankActor:
     def wake(self) -> None:
         self._wake.set()
 
+    @ray.method(concurrency_group="ctl")
+    def inject_fault(self, kind: str, arg) -> None:
+        """Test hook, from outside the engine: the next step fails ("fail", message) or
+        stalls ("hang", seconds) on this rank."""
+        self.worker._fault = (kind, arg)
+
 
 class RankGroup:
     """Starts ``tp_size`` rank actors in one placement group (one bundle per rank)."""
@@ -82,7 +88,9 @@ class RankGroup:
                 strategy = PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank)
                 self.actors.append(RankActor.options(
-                    num_cpus=num_cpus_per_rank, num_gpus=num_gpus, scheduling_strategy=strategy).remote(worker_factory, config, rank))
+                    name=f"spmd-rank-{self.pg.id.hex()[:12]}-{rank}",  # `ray list actors`
+                    num_cpus=num_cpus_per_rank, num_gpus=num_gpus, scheduling_strategy=strategy,
+                ).remote(worker_factory, config, rank))
             self._wait_ready(start_timeout_s)
         except BaseException:
             self.shutdown()

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from serve_app.errors import APIError, bad_schema, bad_value, install_handlers
+from serve_app.errors import APIError, bad_schema, bad_value, error_for, install_handlers
 from serve_app.metrics import ServerMetrics
 from serve_app.options import ServerOptions, parse_args
 from serve_app.protocol import (
@@ -45,7 +45,8 @@ from spmd.async_engine import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
-fastapi_app = FastAPI(title="spmd-serve", docs_url=None, redoc_url=None)
+# /openapi.json is a route of the class below (behind the API key when one is set).
+fastapi_app = FastAPI(title="spmd-serve", docs_url=None, redoc_url=None, openapi_url=None)
 install_handlers(fastapi_app)
 
 
@@ -58,6 +59,26 @@ def _sampling_params(req) -> SamplingParams:
 
 def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _async(value):
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth_exceeds(data, limit: int) -> bool:
+    """Whether ``data`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 # serve.ingress pickles a copy of the FastAPI app, route methods and all, when it
@@ -89,22 +110,31 @@ class LLMServer:
 
     @fastapi_app.get("/health")
     async def health(self):
+        """Public (no API key): load balancers and Serve ask it."""
         try:
             self.engine.check_health()
         except EngineDeadError as e:
-            return APIError(503, f"engine unhealthy: {e}").response()
+            logger.debug("/health: %s", e)
+            return APIError(503, "engine unhealthy", code="engine_unavailable").response()
         return Response(status_code=200)
 
     @fastapi_app.get("/metrics")
-    async def metrics(self):
-        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self, request: Request):
+        return await self._handle("/metrics", request, self._metrics,
+                                  public=self.options.metrics_public)
+
+    @fastapi_app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        return await self._handle("/openapi.json", request,
+                                  lambda r: _async(JSONResponse(fastapi_app.openapi())))
 
     async def check_health(self) -> None:
         """Serve's replica health check: answered from the engine core's last heartbeat,
-        never by waiting behind a step. Raises a plain ``RuntimeError`` (Serve's
-        controller must be able to unpickle it)."""
+        never by waiting behind a step; passes while the replica rebuilds its engine core
+        after a failure (``/health`` says 503 meanwhile). Raises a plain ``RuntimeError``
+        (Serve's controller must be able to unpickle it)."""
         try:
-            self.engine.check_health()
+            self.engine.check_health(rebuilding_ok=True)
         except EngineDeadError as e:
             raise RuntimeError(f"engine unhealthy: {e}") from None
 
@@ -115,28 +145,28 @@ class LLMServer:
 
     # ---- handlers -------------------------------------------------------------------
 
-    async def _handle(self, endpoint: str, request: Request, handler: Callable) -> Response:
+    async def _handle(self, endpoint: str, request: Request, handler: Callable, *,
+                      public: bool = False) -> Response:
         """Auth, error bodies and the request counter, around one endpoint."""
         status = 500
         try:
-            self._authorize(request)
+            if not public:
+                self._authorize(request)
             response = await handler(request)
             status = response.status_code
             return response
-        except APIError as e:
-            status = e.status
-            return e.response()
-        except EngineDeadError as e:
-            status = 503
-            return APIError(503, str(e)).response()
         except asyncio.CancelledError:
             status = 499  # the client closed the connection
             raise
-        except Exception as e:
-            logger.exception("%s failed", endpoint)
-            return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+        except Exception as e:  # clients get a short message; details go to the log
+            err = error_for(e, endpoint)
+            status = err.status
+            return err.response()
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
     async def _models(self, request: Request) -> Response:
         card = ModelCard(id=self.model_name, created=self.created,
@@ -242,12 +272,19 @@ class LLMServer:
             body += chunk
             if len(body) > limit:
                 raise too_large
+        depth = self.options.max_json_depth
+        too_deep = APIError(400, f"request body: JSON nested deeper than the limit of {depth} "
+                            "(max_json_depth)", code="invalid_json")
         try:
-            data = json.loads(body)
-        except ValueError as e:
+            data = json.loads(body, parse_constant=_no_constant)
+        except RecursionError:
+            raise too_deep from None
+        except ValueError as e:  # malformed JSON, NaN/Infinity, bytes that are not UTF-8
             raise APIError(400, f"request body: invalid JSON ({e})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body: must be a JSON object")
+        if _depth_exceeds(data, depth):
+            raise too_deep
         return data
 
     def _parse(self, model: type[BaseModel], data: dict):
@@ -272,6 +309,11 @@ class LLMServer:
         except Exception as e:  # a template that rejects the conversation (roles, order, ...)
             raise APIError(400, f"messages: cannot render the chat template: {e}",
                            param="messages") from None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"messages: not valid Unicode (a lone surrogate at character "
+                           f"{e.start} of the rendered conversation)", param="messages") from None
         # The template already holds the special tokens; vLLM tokenizes chat the same way.
         ids = tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": ids}

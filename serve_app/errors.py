@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+logger = logging.getLogger("serve_app")
 
 
 class APIError(Exception):
@@ -27,6 +33,29 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def error_for(err: BaseException, where: str) -> APIError:
+    """The client's view of an exception: a short message and an error type. Details
+    (tracebacks, paths, actor ids, pids, addresses) go to the server log only."""
+    from spmd import RequestFailedError
+    from spmd.async_engine import EngineDeadError
+
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, ValueError):
+        return bad_value(err)
+    if isinstance(err, EngineDeadError):
+        logger.warning("%s: engine unavailable: %s", where, err)
+        return APIError(503, "the engine is unavailable (it stopped after a failure and is "
+                        "restarting, or the server is shutting down); retry later",
+                        code="engine_unavailable")
+    if isinstance(err, RequestFailedError):  # its message is ours, written for clients
+        return APIError(500, err.args[0].split(": ", 1)[-1], code="request_failed")
+    ref = uuid.uuid4().hex[:12]
+    logger.error("%s failed (reference %s)", where, ref, exc_info=err)
+    return APIError(500, f"internal server error (reference {ref} in the server log)",
+                    code="internal_error")
 
 
 def bad_value(err: ValueError) -> APIError:

@@ -41,6 +41,12 @@ class ServerMetrics:
                                     "step in flight has run (0 between steps), as of the core's "
                                     "last heartbeat", registry=r)
         self.kv_blocks = Gauge("spmd_kv_cache_blocks", "KV-cache blocks in all", registry=r)
+        self.core_restarts = Gauge("spmd_engine_core_restarts", "Times this replica rebuilt its "
+                                   "engine core (ranks, graph) after a failure", registry=r)
+        self.failed_steps = Gauge("spmd_engine_failed_steps", "Steps that raised on the ranks "
+                                  "(their requests failed; the engine went on)", registry=r)
+        self.healthy = Gauge("spmd_engine_healthy", "1 while the engine core serves, 0 while it "
+                             "is down or being rebuilt", registry=r)
 
     def render(self, stats: dict) -> bytes:
         """Prometheus text, with the gauges read from ``AsyncEngine.stats()`` now."""
@@ -50,6 +56,9 @@ class ServerMetrics:
         self.kv_free_blocks.set(stats["num_free_blocks"])
         self.kv_blocks.set(stats["num_kv_blocks"])
         self.step_in_flight.set(stats["step_running_s"])
+        self.core_restarts.set(stats.get("num_core_restarts", 0))
+        self.failed_steps.set(stats.get("num_failed_steps", 0))
+        self.healthy.set(1 if stats.get("healthy", True) else 0)
         return generate_latest(self.registry)
 
     def timer(self, start: float) -> RequestTimer:

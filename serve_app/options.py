@@ -21,8 +21,11 @@ class ServerOptions:
     """What the HTTP layer and the Serve deployment need; the engine gets the rest."""
 
     served_model_name: str | None = None  # None: the model argument as given
-    api_key: str | None = None  # set: /v1/* needs "Authorization: Bearer <api_key>"
+    # set: every route but /health needs "Authorization: Bearer <api_key>"
+    api_key: str | None = None
+    metrics_public: bool = False  # with api_key set: /metrics without the key too
     max_body_bytes: int = 1 << 20
+    max_json_depth: int = 32  # nesting of the request body's JSON
     num_replicas: int | str = 1  # an int, or "auto" (Serve's default autoscaling)
     autoscaling_config: dict | None = None
     max_ongoing_requests: int = 1024  # per replica; Serve's default of 5 would starve the batch
@@ -32,6 +35,7 @@ class ServerOptions:
 
     def __post_init__(self):
         _check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
+        _check(self.max_json_depth >= 2, "max_json_depth", "must be >= 2")
         _check(self.num_replicas == "auto"
                or (type(self.num_replicas) is int and self.num_replicas >= 1),
                "num_replicas", f"must be an int >= 1 or 'auto', got {self.num_replicas!r}")

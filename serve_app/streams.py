@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from serve_app.errors import APIError, bad_value
+from serve_app.errors import bad_value, error_for
 from serve_app.metrics import RequestTimer, ServerMetrics
 from serve_app.protocol import UsageInfo
 from spmd import AsyncEngine, RequestOutput, SamplingParams
-from spmd.async_engine import EngineDeadError
 from spmd.output_processor import merge_delta
 
 logger = logging.getLogger(__name__)
@@ -194,11 +193,8 @@ def sse(events: AsyncIterator[BaseModel]) -> StreamingResponse:
         try:
             async for event in events:
                 yield f"data: {event.model_dump_json()}\n\n"
-        except EngineDeadError as e:  # a failure mid-stream can only be reported in-band
-            yield f"data: {json.dumps(APIError(503, str(e)).body())}\n\n"
-        except Exception as e:
-            logger.exception("stream failed")
-            yield f"data: {json.dumps(APIError(500, f'{type(e).__name__}: {e}').body())}\n\n"
+        except Exception as e:  # a failure mid-stream can only be reported in-band
+            yield f"data: {json.dumps(error_for(e, 'stream').body())}\n\n"
         finally:
             await events.aclose()
         yield "data: [DONE]\n\n"

@@ -16,12 +16,14 @@ import asyncio
 import copy
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 from serialization import AbortRequests, CoreStats, StepOutputs, StopSequences
 from spmd.config import EngineConfig
 from spmd.core_client import CoreClient, EngineDeadError
+from spmd.engine import RequestFailedError
 from spmd.input_processor import InputProcessor
 from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
@@ -77,7 +79,23 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._collectors: dict[str, RequestCollector] = {}
         self._dead: str | None = None
-        self.client = CoreClient(self.config, self._on_step, self._on_dead)
+        self._closing = False
+        self.num_core_restarts = 0
+        self._restarter: threading.Thread | None = None
+        self.client = self._start_client()
+
+    def _start_client(self) -> CoreClient:
+        client: CoreClient | None = None
+
+        def on_step(msg):
+            if getattr(self, "client", None) is client:
+                self._on_step(msg)
+
+        def on_dead(reason):
+            self._on_dead(client, reason)
+
+        client = CoreClient(self.config, on_step, on_dead)
+        return client
 
     @property
     def tokenizer(self):
@@ -102,16 +120,16 @@ class AsyncEngine:
         queued."""
         request_id = request_id or uuid.uuid4().hex
         params = params or SamplingParams()
-        if self._dead is not None:
-            raise EngineDeadError(f"engine is stopped: {self._dead}")
+        self._check_alive()
         text, prompt_ids, request = self.inputs.process(request_id, prompt, params)
         collector = RequestCollector(asyncio.get_running_loop())
         with self._lock:
             self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
             self._collectors[request_id] = collector
         finished = False
+        client = self.client
         try:
-            self.client.send(request)
+            client.send(request)
             total: RequestOutput | None = None
             while not finished:
                 out = await collector.get()
@@ -125,11 +143,19 @@ class AsyncEngine:
             with self._lock:
                 self._collectors.pop(request_id, None)
                 running = self.outputs.abort(request_id)
-            if running and self._dead is None:
+            if running and client is self.client and self._dead is None:
                 try:
-                    self.client.send(AbortRequests([request_id]))
+                    client.send(AbortRequests([request_id]))
                 except EngineDeadError:
                     pass
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            state = "rebuilding after a failure" if self._restarting() else "stopped"
+            raise EngineDeadError(f"engine is {state}: {self._dead}")
+
+    def _restarting(self) -> bool:
+        return self._restarter is not None and self._restarter.is_alive()
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
@@ -145,15 +171,21 @@ class AsyncEngine:
 
     # ---- health, stats, rank-state calls ----------------------------------------------
 
-    def check_health(self) -> None:
-        """Raises ``EngineDeadError`` (a plain ``RuntimeError``) if the core is dead or
-        silent; answers from the last heartbeat, without waiting for a step."""
+    def check_health(self, *, rebuilding_ok: bool = False) -> None:
+        """Raises ``EngineDeadError`` (a plain ``RuntimeError``) if the core is dead,
+        silent or being rebuilt; answers from the last heartbeat, without waiting for a
+        step. ``rebuilding_ok``: a core being rebuilt passes (Serve's replica check: the
+        replica repairs itself; replacing it would only start over)."""
+        if rebuilding_ok and self._restarting():
+            return
+        self._check_alive()
         self.client.check_health()
 
     def stats(self) -> dict:
         """The core's counters as of its last message (a heartbeat is at most
-        ``core_heartbeat_interval_s`` old)."""
-        return _stats_dict(self.client.stats)
+        ``core_heartbeat_interval_s`` old), and the frontend's own."""
+        return dict(_stats_dict(self.client.stats), num_core_restarts=self.num_core_restarts,
+                    healthy=self._dead is None)
 
     async def fresh_stats(self) -> dict:
         """The core's counters read between steps, now."""
@@ -183,7 +215,8 @@ class AsyncEngine:
                 collector = self._collectors.pop(err.request_id, None)
                 self.outputs.abort(err.request_id)
                 if collector is not None:
-                    exc = ValueError(err.message) if err.status == 400 else RuntimeError(err.message)
+                    exc = (ValueError(err.message) if err.status == 400
+                           else RequestFailedError(err.message, [err.request_id]))
                     by_loop.setdefault(collector.loop, []).append((collector, exc))
         if stops:
             ids, indices = zip(*stops)
@@ -197,10 +230,16 @@ class AsyncEngine:
             except RuntimeError:  # that loop is closed: its consumers are gone
                 pass
 
-    def _on_dead(self, reason: str) -> None:
+    def _on_dead(self, client: CoreClient, reason: str) -> None:
+        """The core (or a rank under it) failed: every request in flight fails with
+        ``EngineDeadError``; then, unless shutting down, the core is rebuilt."""
+        if client is not getattr(self, "client", client):
+            return
         self._dead = reason
         with self._lock:
             collectors = list(self._collectors.values())
+            self._collectors.clear()
+            self.outputs.clear()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for c in collectors:
             by_loop.setdefault(c.loop, []).append((c, EngineDeadError(f"engine is stopped: {reason}")))
@@ -209,8 +248,47 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_fan_out, loop, items)
             except RuntimeError:
                 pass
+        if self._closing:
+            return
+        if self.num_core_restarts >= self.config.parallel.max_core_restarts:
+            logger.error("engine core failed (%s); %d restarts used up (max_core_restarts): "
+                         "the engine stays down", reason, self.num_core_restarts)
+            return
+        self._restarter = threading.Thread(target=self._restart, args=(client, reason),
+                                           name="spmd-core-restart", daemon=True)
+        self._restarter.start()
+
+    def _restart(self, old: CoreClient, reason: str) -> None:
+        """Rebuilds the engine core (its ranks and compiled graph) after a failure."""
+        t0 = time.monotonic()
+        self.num_core_restarts += 1
+        logger.warning("engine core failed (%s); rebuilding it (restart %d of at most %d)",
+                       reason, self.num_core_restarts, self.config.parallel.max_core_restarts)
+        old.shutdown(timeout_s=5.0)
+        for attempt in range(3):
+            if self._closing:
+                return
+            try:
+                client = self._start_client()
+            except Exception as e:
+                logger.error("engine core restart attempt %d failed: %s", attempt + 1, e)
+                time.sleep(2.0 * (attempt + 1))
+                continue
+            if self._closing:
+                client.shutdown()
+                return
+            self.client = client
+            self._dead = None
+            logger.warning("engine core rebuilt in %.1f s (restart %d); serving again",
+                           time.monotonic() - t0, self.num_core_restarts)
+            return
+        logger.error("engine core could not be rebuilt: the engine stays down")
 
     def shutdown(self) -> None:
+        self._closing = True
+        restarter = self._restarter
+        if restarter is not None:
+            restarter.join(timeout=self.config.parallel.start_timeout_s + 60)
         self.client.shutdown()
 
 

@@ -53,6 +53,9 @@ class ParallelConfig:
     # silence for core_heartbeat_timeout_s makes the engine unhealthy (and its streams fail).
     core_heartbeat_interval_s: float = 0.5
     core_heartbeat_timeout_s: float = 10.0
+    # Serving: after its core or a rank fails, the replica rebuilds its engine core (ranks,
+    # graph) itself, up to this many times; then it stays unhealthy for Serve to replace.
+    max_core_restarts: int = 5
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class EngineConfig:
                "must be > 0")
         _check(self.parallel.core_heartbeat_timeout_s > self.parallel.core_heartbeat_interval_s,
                "core_heartbeat_timeout_s", "must be > core_heartbeat_interval_s")
+        _check(self.parallel.max_core_restarts >= 0, "max_core_restarts", "must be >= 0")
         _check(self.device.device in DEVICES, "device",
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")
         _check(self.scheduler.cuda_graph_max_batch_size >= 0, "cuda_graph_max_batch_size",

@@ -78,8 +78,8 @@ class EngineCoreProc:
                         self._step_started = 0.0
                     self._stats = self.core.stats()
                 if out is not None or self._errors:
-                    errors, self._errors = self._errors, []
                     out = out or StepOutputs(step_id=-1)
+                    errors, self._errors = [*out.errors, *self._errors], []
                     self._send(StepOutputs(out.step_id, out.outputs, errors, self._stats,
                                            out.timestamp or time.time()))
         except BaseException as e:  # a rank died or hung, or the transport broke

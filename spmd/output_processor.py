@@ -65,6 +65,12 @@ class OutputProcessor:
         self._by_request[request_id] = _Tracked(request_id, prompt, prompt_ids, params,
                                                 self.tokenizer, arrival_time)
 
+    def clear(self) -> list[str]:
+        """Forgets every request; their ids."""
+        ids = list(self._by_request)
+        self._by_request.clear()
+        return ids
+
     def abort(self, request_id: str) -> bool:
         """Forgets a request; True if it was still running."""
         return self._by_request.pop(request_id, None) is not None

@@ -246,6 +246,18 @@ def _error(resp: httpx.Response, status: int) -> dict:
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     ({"prompt": [1, 2, 10**9]}, "prompt_token_ids"),
+    # Valid JSON integers too large for the ranks' int64 / int32 (once: the engine stopped).
+    ({"prompt": "x", "top_k": 2**63}, "top_k"),
+    ({"prompt": "x", "seed": 2**64 + 5}, "seed"),
+    ({"prompt": "x", "stop_token_ids": [2**70]}, "stop_token_ids"),
+    ({"prompt": "x", "min_tokens": 2**70}, "min_tokens"),
+    ({"prompt": "x", "n": 10000, "max_tokens": 1}, "n"),  # limit: max_n=128
+    ({"prompt": "x", "stop": ["s"] * 33}, "stop"),  # limit: max_stop_strings=32
+    ({"prompt": "x", "stop": ["s" * 513]}, "stop"),
+    ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),  # beyond the context: refused
+    ({"prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "suffix": "end"}, "suffix"),
 ])
 def test_bad_completion_requests_are_400(http, body, param):
     err = _error(http.post("/v1/completions", json={"model": MODEL, **body}), 400)
@@ -258,6 +270,12 @@ def test_bad_completion_requests_are_400(http, body, param):
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": CHAT, "top_logprobs": 30, "logprobs": True}, "logprobs"),
     ({"messages": CHAT, "max_completion_tokens": -1}, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),  # unknown role
+    ({"messages": [{"role": "user", "content": None}]}, "messages"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "top_logprobs": 21, "logprobs": True}, "logprobs"),
 ])
 def test_bad_chat_requests_are_400(http, body, param):
     assert _error(http.post("/v1/chat/completions", json={"model": MODEL, **body}), 400)["param"] \
@@ -265,9 +283,54 @@ def test_bad_chat_requests_are_400(http, body, param):
 
 
 def test_invalid_json_and_non_object_bodies_are_400(http):
-    for content in (b"{not json", b"[1, 2]", b""):
+    deep = b'{"prompt": "x", "user": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    for content in (b"{not json", b"[1, 2]", b"", deep, b'{"prompt": "x", "temperature": NaN}',
+                    b'{"prompt": "x", "top_p": Infinity}', b'{"prompt": "\xff"}'):
         _error(http.post("/v1/completions", content=content,
                          headers={"content-type": "application/json"}), 400)
+
+
+def test_lone_surrogates_are_400(http):
+    """JSON may escape a lone UTF-16 surrogate; the tokenizer raised TypeError (a 500) on it."""
+    for path, body, param in (
+            ("/v1/completions", b'{"prompt": "x\\ud800y"}', "prompt"),
+            ("/v1/completions", b'{"prompt": "x", "stop": ["\\udc00"]}', "stop"),
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}',
+             "messages")):
+        err = _error(http.post(path, content=body, headers={"content-type": "application/json"}),
+                     400)
+        assert err["param"] == param, err
+
+
+def test_max_tokens_beyond_the_context_names_both_numbers(http):
+    err = _error(http.post("/v1/completions", json={"model": MODEL, "prompt": [7] * 100,
+                                                    "max_tokens": 500}), 400)
+    assert "500" in err["message"] and "100" in err["message"] and "512" in err["message"]
+
+
+def test_chat_edges_users_hit(client, offline):
+    """``content: null`` on an assistant turn and an assistant turn with ``tool_calls``
+    are served as OpenAI serves them; ``developer`` is a system turn."""
+    history = [{"role": "developer", "content": "Be brief."},
+               {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function",
+                                "function": {"name": "f", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+               {"role": "user", "content": "And?"}]
+    resp = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4,
+                                          temperature=0)
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.completion_tokens >= 1
+
+
+def test_every_route_but_health_needs_the_key(base_url, http):
+    for path in ("/metrics", "/openapi.json", "/v1/models"):
+        assert httpx.get(f"{base_url}{path}").status_code == 401, path
+        assert http.get(path).status_code == 200, path
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    schema = http.get("/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -296,7 +359,7 @@ def test_missing_or_wrong_api_key_is_401(base_url):
         assert err["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0).models.list()
-    assert httpx.get(f"{base_url}/health").status_code == 200  # health and metrics need no key
+    assert httpx.get(f"{base_url}/health").status_code == 200  # health needs no key
 
 
 def test_body_over_the_size_limit_is_413(http):

@@ -149,10 +149,10 @@ def test_killing_the_core_gives_503_and_fails_health(base_url, ray_cluster):
     for i in range(3):
         assert results[i]["status"] == 200  # the stream had begun: the error comes in-band
         assert results[i]["errors"] and results[i]["errors"][0]["type"] == "server_error"
-        assert "engine is stopped" in results[i]["errors"][0]["message"]
+        assert results[i]["errors"][0]["code"] == "engine_unavailable"
         assert results[i]["done"] - killed_at < 10
     whole_resp = results["whole"]
     assert whole_resp.status_code == 503
-    assert whole_resp.json()["error"]["type"] == "server_error"
+    assert whole_resp.json()["error"]["code"] == "engine_unavailable"
     health = httpx.get(f"{base_url}/health", timeout=5)
     assert health.status_code == 503 and "engine unhealthy" in health.json()["error"]["message"]

@@ -86,11 +86,46 @@ def test_eos_stops_unless_ignored(llm):
     (dict(temperature=-0.5), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
-    (dict(logprobs=1000), "logprobs"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(top_k=2**63), "top_k"),
+    (dict(seed=2**64), "seed"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids"),
+    (dict(stop=["\ud800"]), "stop"),
+    (dict(n=True), "n"),
+    (dict(ignore_eos="yes"), "ignore_eos"),
 ])
 def test_bad_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(logprobs=1000), r"logprobs: 1000 exceeds the limit of 20 \(max_logprobs\)"),
+    (dict(n=129), r"n: 129 exceeds the limit of 128 \(max_n\)"),
+    (dict(stop=["x"] * 33), r"stop: 33 strings exceed the limit of 32"),
+    (dict(stop=["x" * 600]), r"stop: a string of 600 characters exceeds the limit of 512"),
+    (dict(stop_token_ids=list(range(300))), r"stop_token_ids: 300 ids exceed the limit of 256"),
+])
+def test_engine_limits_refuse_before_anything_is_queued(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[1, 2, 3]], SamplingParams(**kwargs), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_limits_are_engine_options_and_n_is_capped_by_max_num_seqs(ray_cluster, tiny_dir):
+    llm = LLM(tiny_dir("llama"), backend="inproc", skip_tokenizer_init=True, max_n=4,
+              max_num_seqs=2, max_logprobs=2)
+    try:
+        with pytest.raises(ValueError, match=r"n: 3 exceeds the limit of 2 \(max_num_seqs\)"):
+            llm.generate([[1, 2]], SamplingParams(n=3), use_tqdm=False)
+        with pytest.raises(ValueError, match="max_logprobs"):
+            llm.generate([[1, 2]], SamplingParams(logprobs=3), use_tqdm=False)
+        out = llm.generate([[1, 2]], SamplingParams(n=2, max_tokens=2, logprobs=2), use_tqdm=False)
+        assert len(out[0].outputs) == 2
+    finally:
+        llm.shutdown()
 
 
 def test_prompt_too_long_names_both_numbers_and_engine_keeps_serving(llm):

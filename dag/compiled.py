@@ -16,6 +16,20 @@ from dag.transport import Transport
 logger = logging.getLogger(__name__)
 
 
+class _DeadRankTeardownFilter(logging.Filter):
+    """Ray's graph monitor logs a traceback when it cannot cancel a dead rank's loop at
+    teardown; after a rank death we already reported (RankFailure), that is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "Error cancelling worker task":
+            logger.debug("compiled graph teardown: a rank was already gone")
+            return False
+        return True
+
+
+logging.getLogger("ray.dag.compiled_dag_node").addFilter(_DeadRankTeardownFilter())
+
+
 class CompiledGraphTransport(Transport):
     name = "dag"
 

@@ -35,7 +35,8 @@ class Transport(abc.ABC):
 
 def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConfig, *,
                    num_cpus_per_rank: float, step_timeout_s: float,
-                   start_timeout_s: float, max_inflight: int = 1) -> Transport:
+                   start_timeout_s: float, max_inflight: int = 1,
+                   placement_strategy: str = "PACK") -> Transport:
     if backend == "inproc":
         from dag.inproc import InProcTransport
 
@@ -45,7 +46,7 @@ def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConf
     from dag.ranks import RankGroup
 
     group = RankGroup(worker_factory, config, num_cpus_per_rank=num_cpus_per_rank,
-                      start_timeout_s=start_timeout_s)
+                      start_timeout_s=start_timeout_s, placement_strategy=placement_strategy)
     if backend == "dag":
         from dag.compiled import CompiledGraphTransport
 

@@ -49,6 +49,7 @@ class ParallelConfig:
     step_timeout_s: float = 300.0  # a step longer than this fails, naming the stuck ranks
     start_timeout_s: float = 300.0
     ray_address: str | None = None  # None: attach to a running cluster if any, else start one
+    placement_strategy: str = "PACK"  # of the ranks' placement group; STRICT_SPREAD: a node each
     # Serving: the engine core (its own process) sends a heartbeat this often, busy or idle;
     # silence for core_heartbeat_timeout_s makes the engine unhealthy (and its streams fail).
     core_heartbeat_interval_s: float = 0.5
@@ -84,6 +85,7 @@ class LimitsConfig:
     max_stop_token_ids: int = 256
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda", "spyre", "tpu", "tpu-emulated")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
 
@@ -174,6 +176,9 @@ class EngineConfig:
                "must be > 0")
         _check(self.parallel.core_heartbeat_timeout_s > self.parallel.core_heartbeat_interval_s,
                "core_heartbeat_timeout_s", "must be > core_heartbeat_interval_s")
+        _check(self.parallel.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+               f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+               f"got {self.parallel.placement_strategy!r}")
         _check(self.parallel.max_core_restarts >= 0, "max_core_restarts", "must be >= 0")
         _check(self.device.device in DEVICES, "device",
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")

@@ -56,7 +56,8 @@ class EngineCore:
             config.parallel.backend, worker_class(config.device.device), self.rank_config,
             num_cpus_per_rank=config.parallel.num_cpus_per_rank,
             step_timeout_s=config.parallel.step_timeout_s,
-            start_timeout_s=config.parallel.start_timeout_s)
+            start_timeout_s=config.parallel.start_timeout_s,
+            placement_strategy=config.parallel.placement_strategy)
         try:
             self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
             self.call_all("initialize_cache", self.num_kv_blocks)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import weakref
 
+import ray
 from tqdm.auto import tqdm
 
 from spmd.config import DEFAULT_MODEL, EngineConfig
@@ -19,13 +21,26 @@ class LLM:
     Keyword arguments are engine options with vLLM's names (``dtype``,
     ``max_model_len``, ``load_format``, ``skip_tokenizer_init``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``backend``, ...).
+
+    The rank actors are freed by ``shutdown()``, at the end of a ``with LLM(...) as llm:``
+    block, when the ``LLM`` is garbage-collected, or at interpreter exit.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
         # Offline: outputs only when requests finish; text decoded once at the end.
         self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs), stream_outputs=False)
         self._ids = itertools.count()
-        atexit.register(self.shutdown)
+        # The finalizer holds the engine, never the LLM, so `del llm` frees the ranks.
+        # Registered with atexit after ray.init, it runs before Ray's own exit hook.
+        self._finalizer = weakref.finalize(self, _close, self.engine)
+        self._finalizer.atexit = False
+        atexit.register(self._finalizer)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -74,6 +89,14 @@ class LLM:
         return [done[i] for i in ids]
 
     def shutdown(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        """Frees the rank actors and their placement group; a second call does nothing."""
+        finalizer = getattr(self, "_finalizer", None)  # absent when __init__ failed
+        if finalizer is not None:
+            atexit.unregister(finalizer)
+            finalizer()
+
+
+def _close(engine: Engine) -> None:
+    if engine.config.parallel.backend != "inproc" and not ray.is_initialized():
+        return  # Ray was shut down first: the ranks went with it
+    engine.shutdown()

@@ -66,6 +66,38 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generates the assistant's reply to one conversation (a list of ``{"role",
+        "content"}`` dicts) or to each of a list of them, rendered with the tokenizer's
+        chat template (or ``chat_template``) as vLLM's ``LLM.chat`` does."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations:
+            raise ValueError("messages: must hold at least one conversation")
+        prompts = [self._render_chat(c, chat_template, chat_template_kwargs or {})
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render_chat(self, conversation: list[dict], chat_template: str | None,
+                     kwargs: dict) -> dict:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer; this LLM was built with "
+                             "skip_tokenizer_init=True (generate() takes token ids)")
+        if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"chat_template: the tokenizer of {self.engine.config.model.model} "
+                             "has none; pass chat_template=... or format the prompt for generate()")
+        try:
+            text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                 add_generation_prompt=True, tokenize=False,
+                                                 **kwargs)
+        except Exception as e:  # a template that rejects the conversation (roles, order, ...)
+            raise ValueError(f"messages: cannot render the chat template: {e}") from None
+        # The template already holds the special tokens; vLLM tokenizes chat the same way.
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")

@@ -23,7 +23,8 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``backend``, ...).
 
     The rank actors are freed by ``shutdown()``, at the end of a ``with LLM(...) as llm:``
-    block, when the ``LLM`` is garbage-collected, or at interpreter exit.
+    block, when the ``LLM`` is garbage-collected, or at interpreter exit; ``llm.engine``
+    serves only while its ``LLM`` lives.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):

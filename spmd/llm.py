@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import weakref
 
+import ray
 from tqdm.auto import tqdm
 
 from spmd.config import DEFAULT_MODEL, EngineConfig
@@ -19,13 +21,27 @@ class LLM:
     Keyword arguments are engine options with vLLM's names (``dtype``,
     ``max_model_len``, ``load_format``, ``skip_tokenizer_init``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``backend``, ...).
+
+    The rank actors are freed by ``shutdown()``, at the end of a ``with LLM(...) as llm:``
+    block, when the ``LLM`` is garbage-collected, or at interpreter exit; ``llm.engine``
+    serves only while its ``LLM`` lives.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
         # Offline: outputs only when requests finish; text decoded once at the end.
         self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs), stream_outputs=False)
         self._ids = itertools.count()
-        atexit.register(self.shutdown)
+        # The finalizer holds the engine, never the LLM, so `del llm` frees the ranks.
+        # Registered with atexit after ray.init, it runs before Ray's own exit hook.
+        self._finalizer = weakref.finalize(self, _close, self.engine)
+        self._finalizer.atexit = False
+        atexit.register(self._finalizer)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -51,6 +67,38 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generates the assistant's reply to one conversation (a list of ``{"role",
+        "content"}`` dicts) or to each of a list of them, rendered with the tokenizer's
+        chat template (or ``chat_template``) as vLLM's ``LLM.chat`` does."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations:
+            raise ValueError("messages: must hold at least one conversation")
+        prompts = [self._render_chat(c, chat_template, chat_template_kwargs or {})
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render_chat(self, conversation: list[dict], chat_template: str | None,
+                     kwargs: dict) -> dict:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer; this LLM was built with "
+                             "skip_tokenizer_init=True (generate() takes token ids)")
+        if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"chat_template: the tokenizer of {self.engine.config.model.model} "
+                             "has none; pass chat_template=... or format the prompt for generate()")
+        try:
+            text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                 add_generation_prompt=True, tokenize=False,
+                                                 **kwargs)
+        except Exception as e:  # a template that rejects the conversation (roles, order, ...)
+            raise ValueError(f"messages: cannot render the chat template: {e}") from None
+        # The template already holds the special tokens; vLLM tokenizes chat the same way.
+        return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")
@@ -74,6 +122,14 @@ class LLM:
         return [done[i] for i in ids]
 
     def shutdown(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        """Frees the rank actors and their placement group; a second call does nothing."""
+        finalizer = getattr(self, "_finalizer", None)  # absent when __init__ failed
+        if finalizer is not None:
+            atexit.unregister(finalizer)
+            finalizer()
+
+
+def _close(engine: Engine) -> None:
+    if engine.config.parallel.backend != "inproc" and not ray.is_initialized():
+        return  # Ray was shut down first: the ranks went with it
+    engine.shutdown()

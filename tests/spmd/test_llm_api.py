@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from conftest import hf_greedy
 from spmd import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,42 @@ def test_eos_stops_unless_ignored(llm):
         eng.abort_request("eos-off")
         eng.step()  # frees them on the ranks
     assert not eng.has_unfinished_requests()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+     {"role": "user", "content": "Name a colour"}],
+]
+
+
+def test_chat_equals_generate_on_the_template_ids_and_transformers(llm, tiny_chat_model):
+    tok = llm.get_tokenizer()
+    rendered = [tok.apply_chat_template(c, add_generation_prompt=True) for c in CONVERSATIONS]
+    ids = [list(getattr(r, "input_ids", r)) for r in rendered]  # BatchEncoding or a list
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    chats = llm.chat(CONVERSATIONS, greedy, use_tqdm=False)
+    plain = llm.generate([{"prompt_token_ids": i} for i in ids], greedy, use_tqdm=False)
+    reference = hf_greedy(tiny_chat_model, ids, 12)
+    for chat, prompt_ids, out, ref in zip(chats, ids, plain, reference):
+        assert chat.prompt_token_ids == prompt_ids
+        assert chat.prompt.endswith("<|im_start|>assistant\n")  # add_generation_prompt
+        assert chat.outputs[0].token_ids == out.outputs[0].token_ids == ref
+    one = llm.chat(CONVERSATIONS[0], greedy, use_tqdm=False)  # a single conversation
+    assert len(one) == 1 and one[0].outputs[0].token_ids == chats[0].outputs[0].token_ids
+
+
+def test_chat_errors_name_the_field(llm, monkeypatch):
+    with pytest.raises(ValueError, match="messages: must hold"):
+        llm.chat([])
+    monkeypatch.setattr(llm.get_tokenizer(), "chat_template", None)
+    with pytest.raises(ValueError, match="chat_template: the tokenizer of .* has none"):
+        llm.chat(CONVERSATIONS[0])
+    monkeypatch.setattr(llm.engine, "tokenizer", None)
+    with pytest.raises(ValueError, match="messages: chat needs a tokenizer.*skip_tokenizer_init"):
+        llm.chat(CONVERSATIONS[0])
+    assert not llm.engine.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -217,7 +217,22 @@ class CoreClient:
             ray.kill(self.actor)
         except Exception:
             pass
+        self._remove_placement_group()
         self._close_sockets()
+
+    def _remove_placement_group(self) -> None:
+        """The ranks' placement group outlives a core killed by a signal (its lifetime is
+        the job's): without this its GPUs stay reserved and a rebuilt core waits forever."""
+        pg_hex = self.info.get("placement_group")
+        if not pg_hex:
+            return
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        try:
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+        except Exception as e:  # already removed by the core's own shutdown
+            logger.debug("placement group %s: %s", pg_hex, e)
 
     def _close_sockets(self) -> None:
         self._input.close(linger=0)

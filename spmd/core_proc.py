@@ -174,8 +174,10 @@ class EngineCoreActor:
 
     def ready(self) -> dict:
         core = self.proc.core
+        group = getattr(core.transport, "group", None)
         return dict(pid=os.getpid(), max_model_len=core.max_model_len,
-                    num_kv_blocks=core.num_kv_blocks, warmup_times_s=core.warmup_times_s)
+                    num_kv_blocks=core.num_kv_blocks, warmup_times_s=core.warmup_times_s,
+                    placement_group=group.pg.id.hex() if group is not None else None)
 
     def watch(self) -> str:
         """Returns when the loop ends (its ref doubles as a liveness probe)."""

@@ -54,26 +54,29 @@ class RankActor:
 
 
 class RankGroup:
-    """Starts ``tp_size`` rank actors in one placement group (one bundle per rank)."""
+    """Starts ``tp_size`` rank actors in one placement group (one bundle per rank,
+    placed by ``placement_strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD)."""
 
     def __init__(self, worker_factory, config: RankConfig, *, num_cpus_per_rank: float,
-                 start_timeout_s: float):
+                 start_timeout_s: float, placement_strategy: str = "PACK"):
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialised: the engine calls ray.init first")
         self.tp_size = config.tp_size
         # One accelerator per rank: Ray sets CUDA_VISIBLE_DEVICES, so each rank sees cuda:0.
         num_gpus = 1 if config.device == "cuda" else 0
         bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([bundle] * self.tp_size, strategy="PACK")
+        self.pg = placement_group([bundle] * self.tp_size, strategy=placement_strategy)
         self.actors: list = []
         try:
             ready = self.pg.wait(timeout_seconds=start_timeout_s)
             if not ready:
                 avail = ray.available_resources()
+                nodes = sum(n["Alive"] for n in ray.nodes())
                 raise RuntimeError(
                     f"placement group for tensor_parallel_size={self.tp_size} ranks × {bundle} "
-                    f"not satisfied within {start_timeout_s:.0f} s (cluster has "
-                    f"{avail.get('CPU', 0.0):g} CPU, {avail.get('GPU', 0.0):g} GPU available); "
+                    f"({placement_strategy}) not satisfied within {start_timeout_s:.0f} s "
+                    f"(cluster has {nodes} live node(s), {avail.get('CPU', 0.0):g} CPU, "
+                    f"{avail.get('GPU', 0.0):g} GPU available); "
                     "lower num_cpus_per_rank or tensor_parallel_size, or add nodes")
             if self.tp_size > 1 and not config.dist_init_method:
                 config = msgspec.structs.replace(

@@ -35,6 +35,7 @@ class Transport(abc.ABC):
 
 def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConfig, *,
                    num_cpus_per_rank: float, step_timeout_s: float,
+                   placement_strategy: str = "PACK",
                    start_timeout_s: float, max_inflight: int = 1) -> Transport:
     if backend == "inproc":
         from dag.inproc import InProcTransport
@@ -45,7 +46,7 @@ def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConf
     from dag.ranks import RankGroup
 
     group = RankGroup(worker_factory, config, num_cpus_per_rank=num_cpus_per_rank,
-                      start_timeout_s=start_timeout_s)
+                      start_timeout_s=start_timeout_s, placement_strategy=placement_strategy)
     if backend == "dag":
         from dag.compiled import CompiledGraphTransport
 

@@ -45,6 +45,9 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     backend: str = "dag"  # dag | ray | inproc
     num_cpus_per_rank: float = 0.5  # Ray logical CPUs per rank actor (scheduling only)
+    # Ray placement group strategy of the rank bundles: PACK prefers one node,
+    # STRICT_SPREAD puts every rank on its own node.
+    placement_strategy: str = "PACK"
     num_threads_per_rank: int = 0  # torch threads per rank; 0: cores / tp
     step_timeout_s: float = 300.0  # a step longer than this fails, naming the stuck ranks
     start_timeout_s: float = 300.0
@@ -70,6 +73,7 @@ class SchedulerConfig:
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda", "spyre", "tpu", "tpu-emulated")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
 
@@ -154,6 +158,9 @@ class EngineConfig:
                "must be in (0, 1]")
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _check(self.parallel.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+               f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+               f"got {self.parallel.placement_strategy!r}")
         _check(self.parallel.step_timeout_s > 0, "step_timeout_s", "must be > 0")
         _check(self.parallel.core_heartbeat_interval_s > 0, "core_heartbeat_interval_s",
                "must be > 0")

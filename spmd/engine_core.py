@@ -53,6 +53,7 @@ class EngineCore:
         self.transport: Transport = make_transport(
             config.parallel.backend, worker_class(config.device.device), self.rank_config,
             num_cpus_per_rank=config.parallel.num_cpus_per_rank,
+            placement_strategy=config.parallel.placement_strategy,
             step_timeout_s=config.parallel.step_timeout_s,
             start_timeout_s=config.parallel.start_timeout_s)
         try:

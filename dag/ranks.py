@@ -67,6 +67,7 @@ class RankGroup:
         bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus} if num_gpus else {})}
         self.pg = placement_group([bundle] * self.tp_size, strategy=placement_strategy)
         self.actors: list = []
+        self.node_ids: list[str] = []  # rank -> the Ray node id its bundle was placed on
         try:
             ready = self.pg.wait(timeout_seconds=start_timeout_s)
             if not ready:
@@ -78,6 +79,8 @@ class RankGroup:
                     f"(cluster has {nodes} live node(s), {avail.get('CPU', 0.0):g} CPU, "
                     f"{avail.get('GPU', 0.0):g} GPU available); "
                     "lower num_cpus_per_rank or tensor_parallel_size, or add nodes")
+            table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+            self.node_ids = [table[rank] for rank in range(self.tp_size)]
             if self.tp_size > 1 and not config.dist_init_method:
                 config = msgspec.structs.replace(
                     config, dist_init_method=self._rendezvous_address(start_timeout_s))
@@ -111,6 +114,10 @@ class RankGroup:
             except ray.exceptions.RayError as e:
                 raise RankFailure(f"rank {rank} failed to start: {_cause(e)}", [rank],
                                   fatal=True) from None
+
+    def where(self, ranks: list[int]) -> str:
+        """``rank 1 on node <id>``: a lost node takes its ranks with it, so errors say which."""
+        return ", ".join(f"rank {r} on node {self.node_ids[r]}" for r in ranks)
 
     def stuck_ranks(self, timeout_s: float = 2.0) -> tuple[list[int], list[int]]:
         """(ranks still inside a call, dead ranks), asked through the ctl thread."""

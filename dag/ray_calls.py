@@ -35,11 +35,12 @@ class RayCallTransport(Transport):
                 self.shutdown()
                 raise RankFailure(
                     f"step timed out after {self.step_timeout_s:g} s: ranks {stuck} still "
-                    f"running, ranks {dead} dead", stuck + dead, fatal=True) from None
+                    f"running, ranks {dead} dead ({self.group.where(stuck + dead)})",
+                    stuck + dead, fatal=True) from None
             except ray.exceptions.RayError as e:
                 self.shutdown()
-                raise RankFailure(f"rank {rank} failed: {type(e).__name__}: {_cause(e)}",
-                                  [rank], fatal=True) from None
+                raise RankFailure(f"rank {rank} failed ({self.group.where([rank])}): "
+                                  f"{type(e).__name__}: {_cause(e)}", [rank], fatal=True) from None
         return out
 
     def step(self, data: bytes, expected_s: float = 0.0) -> bytes:

@@ -73,7 +73,13 @@ class CompiledGraphTransport(Transport):
                 time.sleep(expected_s)
             return ray.get(refs, timeout=self.step_timeout_s)
         except ray.exceptions.RayTaskError as e:
-            # An exception a rank raised (its message names the rank); the graph lives on.
+            # An exception a rank raised (its message names the rank); the graph lives on,
+            # unless a peer died under it: then the collective failed on the survivors.
+            _, dead = self.group.stuck_ranks()
+            if dead:
+                self._fail()
+                raise RankFailure(f"rank(s) {dead} died ({self.group.where(dead)}); the step "
+                                  f"failed on the others: {_cause(e)}", dead, fatal=True) from None
             raise RankFailure(_cause(e), _ranks_named(_cause(e), self.group.tp_size),
                               fatal=False) from None
         except (ray.exceptions.RayChannelTimeoutError, ray.exceptions.GetTimeoutError):

@@ -29,6 +29,12 @@ class RayCallTransport(Transport):
             except ray.exceptions.RayTaskError as e:
                 # Let the other ranks finish this call before reporting.
                 ray.wait(refs, num_returns=len(refs), timeout=self.step_timeout_s)
+                _, dead = self.group.stuck_ranks()
+                if dead:  # a peer died under the collective: the group is gone
+                    self.shutdown()
+                    raise RankFailure(f"rank(s) {dead} died ({self.group.where(dead)}); the step "
+                                      f"failed on the others: {_cause(e)}", dead,
+                                      fatal=True) from None
                 raise RankFailure(_cause(e), [rank], fatal=False) from None
             except ray.exceptions.GetTimeoutError:
                 stuck, dead = self.group.stuck_ranks()

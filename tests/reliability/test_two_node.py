@@ -78,10 +78,11 @@ def _stop_node(temp_dir: str) -> None:
     psutil.wait_procs(list(procs.values()), timeout=15)
 
 
-@pytest.fixture(scope="module")
-def two_node_run(tiny_dir):
-    """Runs the whole scenario once: (model, prompts, phase-1 report, phase-2 report,
-    driver exit code, driver stderr, node stop time)."""
+@pytest.fixture(scope="module", params=["idle", "busy"])
+def two_node_run(request, tiny_dir):
+    """Runs the scenario once per mode on a fresh cluster: the second node stops while
+    the engine is idle (between generate calls) or busy (a generate in flight)."""
+    mode = request.param
     model = tiny_dir("llama")
     prompts = mixed_prompts(4, 256, seed=3, lo=3, hi=40)
     # Short temp dirs: Ray's Unix sockets live under them (108-byte path limit).
@@ -92,21 +93,26 @@ def two_node_run(tiny_dir):
         t0 = time.monotonic()
         _start_node(dirs[0], "node_a", head_port, head=True)
         _start_node(dirs[1], "node_b", head_port, head=False)
-        print(f"\ntwo-node cluster up in {time.monotonic() - t0:.1f} s")
+        print(f"\n[{mode}] two-node cluster up in {time.monotonic() - t0:.1f} s")
         driver = subprocess.Popen(
-            [sys.executable, DRIVER, model, json.dumps(prompts), str(MAX_TOKENS)],
+            [sys.executable, DRIVER, mode, model, json.dumps(prompts), str(MAX_TOKENS)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=ROOT, env={**ENV, "RAY_ADDRESS": f"127.0.0.1:{head_port}", "PYTHONPATH": ROOT})
         first = _read_report(driver, timeout_s=150)
+        if mode == "busy":
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+            time.sleep(2.0)  # generate calls back to back by now
+        stopped_at = time.time()
         _stop_node(dirs[1])
-        stopped_at = time.monotonic()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
+        if mode == "idle":
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
         second = _read_report(driver, timeout_s=ERROR_WITHIN_S + 30)
         rc = driver.wait(timeout=30)
         stderr = driver.stderr.read()
-        yield dict(model=model, prompts=prompts, first=first, second=second, rc=rc,
-                   stderr=stderr, stopped_s=time.monotonic() - stopped_at)
+        yield dict(mode=mode, model=model, prompts=prompts, first=first, second=second, rc=rc,
+                   stderr=stderr, error_after_s=second["error_at"] - stopped_at)
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
@@ -149,21 +155,21 @@ def test_tp2_spread_over_two_nodes_matches_transformers(two_node_run):
     assert len(set(first["actor_nodes"])) == 2, f"both ranks on one node: {first}"
     ref = hf_greedy(two_node_run["model"], two_node_run["prompts"], MAX_TOKENS)
     assert first["tokens"] == ref
-    print(f"two-node parity: {len(ref)} prompts x {MAX_TOKENS} greedy tokens equal transformers "
-          f"(ranks on nodes {[n[:8] for n in first['actor_nodes']]})")
+    print(f"[{two_node_run['mode']}] two-node parity: {len(ref)} prompts x {MAX_TOKENS} greedy "
+          f"tokens equal transformers (ranks on nodes {[n[:8] for n in first['actor_nodes']]})")
 
 
 def test_stopping_the_second_node_fails_the_group_cleanly(two_node_run):
-    second, stderr = two_node_run["second"], two_node_run["stderr"]
+    first, second, stderr = two_node_run["first"], two_node_run["second"], two_node_run["stderr"]
     error = second["error"]
     assert error is not None, "generate succeeded with the second node gone"
     assert error["type"] == "RankFailure" and error["fatal"], error
-    first = two_node_run["first"]
     lost_rank = first["actor_nodes"].index(first["node_names"]["node_b"])
     assert error["ranks"] == [lost_rank], error
     assert f"rank {lost_rank} on node {first['node_names']['node_b']}" in error["message"], error
-    assert second["error_after_s"] < ERROR_WITHIN_S, second
+    assert two_node_run["error_after_s"] < ERROR_WITHIN_S, second
     assert two_node_run["rc"] == 0, stderr[-4000:]
     assert "Traceback" not in stderr, stderr[-4000:]
-    print(f"node loss (rank {lost_rank} on the stopped node): {error['type']} after "
-          f"{second['error_after_s']:.1f} s (shutdown {second['shutdown_s']:.1f} s): {error['message']}")
+    print(f"[{two_node_run['mode']}] node loss (rank {lost_rank} on the stopped node): "
+          f"{error['type']} {two_node_run['error_after_s']:.1f} s after the node stopped "
+          f"(shutdown {second['shutdown_s']:.1f} s): {error['message'][:160]}")

@@ -1,6 +1,7 @@
 """The driver that test_two_node.py runs against its two-node cluster (RAY_ADDRESS set):
 tp=2 across both nodes, greedy outputs, then, once told the second node is gone,
-the next generate's error and how long it took.
+the error of the generate that finds it gone (idle: the next one; busy: the one in
+flight), and when it came.
 
 Speaks one JSON line per phase on stdout; waits for a line on stdin between them.
 """
@@ -15,7 +16,7 @@ from dag import RankFailure
 from spmd import LLM, SamplingParams
 
 
-def main(model: str, prompts_json: str, max_tokens: int) -> None:
+def main(mode: str, model: str, prompts_json: str, max_tokens: int) -> None:
     prompts = json.loads(prompts_json)
     llm = LLM(model, tensor_parallel_size=2, placement_strategy="STRICT_SPREAD",
               num_cpus_per_rank=1, skip_tokenizer_init=True, max_model_len=128,
@@ -30,22 +31,29 @@ def main(model: str, prompts_json: str, max_tokens: int) -> None:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     _say(bundle_nodes=[bundle_nodes[i] for i in range(len(group.actors))],
-         actor_nodes=actor_nodes, node_names=node_names, tokens=[o.outputs[0].token_ids for o in outs])
+         actor_nodes=actor_nodes, node_names=node_names,
+         tokens=[o.outputs[0].token_ids for o in outs])
 
-    sys.stdin.readline()  # the test has stopped the second node
+    # idle: the test stops the second node, then says go; busy: the test says go, then
+    # stops the node while generate runs (a step in flight, ranks inside the all-reduce).
+    sys.stdin.readline()
     t0 = time.monotonic()
-    try:
-        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
-        error = None
-    except RankFailure as e:
-        error = dict(type="RankFailure", message=str(e), ranks=e.ranks, fatal=e.fatal)
-    except Exception as e:  # reported, so the test can say what it got instead
-        error = dict(type=type(e).__name__, message=str(e), ranks=[], fatal=None)
+    error = None
+    while error is None:
+        try:
+            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        except RankFailure as e:
+            error = dict(type="RankFailure", message=str(e), ranks=e.ranks, fatal=e.fatal)
+        except Exception as e:  # reported, so the test can say what it got instead
+            error = dict(type=type(e).__name__, message=str(e), ranks=[], fatal=None)
+        if mode == "idle":
+            break
+    error_at = time.time()
     elapsed_s = time.monotonic() - t0
     t1 = time.monotonic()
     llm.shutdown()
     ray.shutdown()
-    _say(error=error, error_after_s=elapsed_s, shutdown_s=time.monotonic() - t1)
+    _say(error=error, error_at=error_at, generate_s=elapsed_s, shutdown_s=time.monotonic() - t1)
 
 
 def _say(**fields) -> None:
@@ -53,4 +61,4 @@ def _say(**fields) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

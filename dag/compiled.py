@@ -23,7 +23,8 @@ class _LostRankCancelFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
-        if record.msg == "Error cancelling worker task" and isinstance(err, ray.exceptions.RayActorError):
+        lost = isinstance(err, ray.exceptions.RayActorError)
+        if lost and record.msg == "Error cancelling worker task":
             record.msg = "compiled graph: a rank's actor is gone (%s); its loop was not cancelled"
             record.args = (type(err).__name__,)
             record.exc_info, record.exc_text = None, None

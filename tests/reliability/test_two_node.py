@@ -89,6 +89,7 @@ def two_node_run(request, tiny_dir):
     dirs = [tempfile.mkdtemp(prefix=f"ray2n{c}-", dir="/tmp") for c in "ab"]
     head_port = _free_port()
     driver = None
+    errors = tempfile.TemporaryFile("w+")  # the driver's stderr: a file never fills up and blocks it
     try:
         t0 = time.monotonic()
         _start_node(dirs[0], "node_a", head_port, head=True)
@@ -96,9 +97,9 @@ def two_node_run(request, tiny_dir):
         print(f"\n[{mode}] two-node cluster up in {time.monotonic() - t0:.1f} s")
         driver = subprocess.Popen(
             [sys.executable, DRIVER, mode, model, json.dumps(prompts), str(MAX_TOKENS)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
             cwd=ROOT, env={**ENV, "RAY_ADDRESS": f"127.0.0.1:{head_port}", "PYTHONPATH": ROOT})
-        first = _read_report(driver, timeout_s=150)
+        first = _read_report(driver, errors, timeout_s=150)
         if mode == "busy":
             driver.stdin.write("go\n")
             driver.stdin.flush()
@@ -108,21 +109,27 @@ def two_node_run(request, tiny_dir):
         if mode == "idle":
             driver.stdin.write("go\n")
             driver.stdin.flush()
-        second = _read_report(driver, timeout_s=ERROR_WITHIN_S + 30)
+        second = _read_report(driver, errors, timeout_s=ERROR_WITHIN_S + 30)
         rc = driver.wait(timeout=30)
-        stderr = driver.stderr.read()
+        stderr = _text(errors)
         yield dict(mode=mode, model=model, prompts=prompts, first=first, second=second, rc=rc,
                    stderr=stderr, error_after_s=second["error_at"] - stopped_at)
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
             driver.wait()
+        errors.close()
         for d in reversed(dirs):
             _stop_node(d)
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _read_report(driver: subprocess.Popen, timeout_s: float) -> dict:
+def _text(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def _read_report(driver: subprocess.Popen, errors, timeout_s: float) -> dict:
     """The driver's next JSON line; fails (with its stderr) if it dies or goes silent."""
     import selectors
 
@@ -138,12 +145,12 @@ def _read_report(driver: subprocess.Popen, timeout_s: float) -> dict:
                 return json.loads(line)
     driver.kill()
     pytest.fail(f"driver gave no report within {timeout_s:.0f} s (rc={driver.wait()}):\n"
-                + driver.stderr.read()[-4000:])
+                + _text(errors)[-4000:])
 
 
 def test_placement_strategy_is_validated():
-    assert EngineConfig.from_kwargs(placement_strategy="STRICT_SPREAD").parallel.placement_strategy \
-        == "STRICT_SPREAD"
+    spread = EngineConfig.from_kwargs(placement_strategy="STRICT_SPREAD")
+    assert spread.parallel.placement_strategy == "STRICT_SPREAD"
     assert EngineConfig().parallel.placement_strategy == "PACK"
     with pytest.raises(ValueError, match="placement_strategy: must be one of PACK, SPREAD"):
         EngineConfig.from_kwargs(placement_strategy="spread")
@@ -172,4 +179,5 @@ def test_stopping_the_second_node_fails_the_group_cleanly(two_node_run):
     assert "Traceback" not in stderr, stderr[-4000:]
     print(f"[{two_node_run['mode']}] node loss (rank {lost_rank} on the stopped node): "
           f"{error['type']} {two_node_run['error_after_s']:.1f} s after the node stopped "
-          f"(shutdown {second['shutdown_s']:.1f} s): {error['message'][:160]}")
+          f"(generate {second['generate_s']:.1f} s, shutdown {second['shutdown_s']:.1f} s): "
+          f"{error['message'][:160]}")

@@ -16,18 +16,23 @@ from dag.transport import Transport
 logger = logging.getLogger(__name__)
 
 
-class _DeadRankTeardownFilter(logging.Filter):
-    """Ray's graph monitor logs a traceback when it cannot cancel a dead rank's loop at
-    teardown; after a rank death we already reported (RankFailure), that is noise."""
+class _LostRankCancelFilter(logging.Filter):
+    """Ray's graph monitor logs a full traceback when it cannot cancel the loop of a
+    rank whose actor (or node) is gone; the transport names that rank in its own
+    RankFailure, so the monitor's record is cut to one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage() == "Error cancelling worker task":
-            logger.debug("compiled graph teardown: a rank was already gone")
-            return False
+        err = record.exc_info[1] if record.exc_info else None
+        lost = isinstance(err, ray.exceptions.RayActorError)
+        if lost and record.msg == "Error cancelling worker task":
+            record.msg = "compiled graph: a rank's actor is gone (%s); its loop was not cancelled"
+            record.args = (type(err).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
-logging.getLogger("ray.dag.compiled_dag_node").addFilter(_DeadRankTeardownFilter())
+logging.getLogger("ray.dag.compiled_dag_node").addFilter(_LostRankCancelFilter())
 
 
 class CompiledGraphTransport(Transport):
@@ -69,7 +74,13 @@ class CompiledGraphTransport(Transport):
                 time.sleep(expected_s)
             return ray.get(refs, timeout=self.step_timeout_s)
         except ray.exceptions.RayTaskError as e:
-            # An exception a rank raised (its message names the rank); the graph lives on.
+            # An exception a rank raised (its message names the rank); the graph lives on,
+            # unless a peer died under it: then the collective failed on the survivors.
+            _, dead = self.group.stuck_ranks()
+            if dead:
+                self._fail()
+                raise RankFailure(f"rank(s) {dead} died ({self.group.where(dead)}); the step "
+                                  f"failed on the others: {_cause(e)}", dead, fatal=True) from None
             raise RankFailure(_cause(e), _ranks_named(_cause(e), self.group.tp_size),
                               fatal=False) from None
         except (ray.exceptions.RayChannelTimeoutError, ray.exceptions.GetTimeoutError):
@@ -77,12 +88,14 @@ class CompiledGraphTransport(Transport):
             self._fail()
             raise RankFailure(
                 f"step timed out after {self.step_timeout_s:g} s: ranks {stuck} still running, "
-                f"ranks {dead} dead", stuck + dead, fatal=True) from None
+                f"ranks {dead} dead ({self.group.where(stuck + dead)})", stuck + dead,
+                fatal=True) from None
         except ray.exceptions.RayError as e:
             stuck, dead = self.group.stuck_ranks()
             self._fail()
-            raise RankFailure(f"rank(s) {dead or stuck} failed: {type(e).__name__}: {_cause(e)}",
-                              dead or stuck, fatal=True) from None
+            failed = dead or stuck
+            raise RankFailure(f"rank(s) {failed} failed ({self.group.where(failed)}): "
+                              f"{type(e).__name__}: {_cause(e)}", failed, fatal=True) from None
 
     def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
         return self._run(data, expected_s)[0]

@@ -60,7 +60,8 @@ class RankActor:
 
 
 class RankGroup:
-    """Starts ``tp_size`` rank actors in one placement group (one bundle per rank)."""
+    """Starts ``tp_size`` rank actors in one placement group (one bundle per rank,
+    placed by ``placement_strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD)."""
 
     def __init__(self, worker_factory, config: RankConfig, *, num_cpus_per_rank: float,
                  start_timeout_s: float, placement_strategy: str = "PACK"):
@@ -70,19 +71,22 @@ class RankGroup:
         # One accelerator per rank: Ray sets CUDA_VISIBLE_DEVICES, so each rank sees cuda:0.
         num_gpus = 1 if config.device == "cuda" else 0
         bundle = {"CPU": num_cpus_per_rank, **({"GPU": num_gpus} if num_gpus else {})}
-        # PACK: the ranks share a node where they fit; STRICT_SPREAD: one rank per node.
         self.pg = placement_group([bundle] * self.tp_size, strategy=placement_strategy)
         self.actors: list = []
+        self.node_ids: list[str] = []  # rank -> the Ray node id its bundle was placed on
         try:
             ready = self.pg.wait(timeout_seconds=start_timeout_s)
             if not ready:
                 avail = ray.available_resources()
+                nodes = sum(n["Alive"] for n in ray.nodes())
                 raise RuntimeError(
                     f"placement group for tensor_parallel_size={self.tp_size} ranks × {bundle} "
-                    f"not satisfied within {start_timeout_s:.0f} s (cluster has "
-                    f"{avail.get('CPU', 0.0):g} CPU, {avail.get('GPU', 0.0):g} GPU available; "
-                    f"placement_strategy={placement_strategy}); "
+                    f"({placement_strategy}) not satisfied within {start_timeout_s:.0f} s "
+                    f"(cluster has {nodes} live node(s), {avail.get('CPU', 0.0):g} CPU, "
+                    f"{avail.get('GPU', 0.0):g} GPU available); "
                     "lower num_cpus_per_rank or tensor_parallel_size, or add nodes")
+            table = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+            self.node_ids = [table[rank] for rank in range(self.tp_size)]
             if self.tp_size > 1 and not config.dist_init_method:
                 config = msgspec.structs.replace(
                     config, dist_init_method=self._rendezvous_address(start_timeout_s))
@@ -118,6 +122,10 @@ class RankGroup:
             except ray.exceptions.RayError as e:
                 raise RankFailure(f"rank {rank} failed to start: {_cause(e)}", [rank],
                                   fatal=True) from None
+
+    def where(self, ranks: list[int]) -> str:
+        """``rank 1 on node <id>``: a lost node takes its ranks with it, so errors say which."""
+        return ", ".join(f"rank {r} on node {self.node_ids[r]}" for r in ranks)
 
     def stuck_ranks(self, timeout_s: float = 2.0) -> tuple[list[int], list[int]]:
         """(ranks still inside a call, dead ranks), asked through the ctl thread."""

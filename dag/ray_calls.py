@@ -29,17 +29,24 @@ class RayCallTransport(Transport):
             except ray.exceptions.RayTaskError as e:
                 # Let the other ranks finish this call before reporting.
                 ray.wait(refs, num_returns=len(refs), timeout=self.step_timeout_s)
+                _, dead = self.group.stuck_ranks()
+                if dead:  # a peer died under the collective: the group is gone
+                    self.shutdown()
+                    raise RankFailure(f"rank(s) {dead} died ({self.group.where(dead)}); the step "
+                                      f"failed on the others: {_cause(e)}", dead,
+                                      fatal=True) from None
                 raise RankFailure(_cause(e), [rank], fatal=False) from None
             except ray.exceptions.GetTimeoutError:
                 stuck, dead = self.group.stuck_ranks()
                 self.shutdown()
                 raise RankFailure(
                     f"step timed out after {self.step_timeout_s:g} s: ranks {stuck} still "
-                    f"running, ranks {dead} dead", stuck + dead, fatal=True) from None
+                    f"running, ranks {dead} dead ({self.group.where(stuck + dead)})",
+                    stuck + dead, fatal=True) from None
             except ray.exceptions.RayError as e:
                 self.shutdown()
-                raise RankFailure(f"rank {rank} failed: {type(e).__name__}: {_cause(e)}",
-                                  [rank], fatal=True) from None
+                raise RankFailure(f"rank {rank} failed ({self.group.where([rank])}): "
+                                  f"{type(e).__name__}: {_cause(e)}", [rank], fatal=True) from None
         return out
 
     def step(self, data: bytes, expected_s: float = 0.0) -> bytes:

@@ -35,8 +35,8 @@ class Transport(abc.ABC):
 
 def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConfig, *,
                    num_cpus_per_rank: float, step_timeout_s: float,
-                   start_timeout_s: float, max_inflight: int = 1,
-                   placement_strategy: str = "PACK") -> Transport:
+                   placement_strategy: str = "PACK",
+                   start_timeout_s: float, max_inflight: int = 1) -> Transport:
     if backend == "inproc":
         from dag.inproc import InProcTransport
 

@@ -45,11 +45,13 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     backend: str = "dag"  # dag | ray | inproc
     num_cpus_per_rank: float = 0.5  # Ray logical CPUs per rank actor (scheduling only)
+    # Ray placement group strategy of the rank bundles: PACK prefers one node,
+    # STRICT_SPREAD puts every rank on its own node.
+    placement_strategy: str = "PACK"
     num_threads_per_rank: int = 0  # torch threads per rank; 0: cores / tp
     step_timeout_s: float = 300.0  # a step longer than this fails, naming the stuck ranks
     start_timeout_s: float = 300.0
     ray_address: str | None = None  # None: attach to a running cluster if any, else start one
-    placement_strategy: str = "PACK"  # of the ranks' placement group; STRICT_SPREAD: a node each
     # Serving: the engine core (its own process) sends a heartbeat this often, busy or idle;
     # silence for core_heartbeat_timeout_s makes the engine unhealthy (and its streams fail).
     core_heartbeat_interval_s: float = 0.5
@@ -171,14 +173,14 @@ class EngineConfig:
                "must be in (0, 1]")
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _check(self.parallel.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+               f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+               f"got {self.parallel.placement_strategy!r}")
         _check(self.parallel.step_timeout_s > 0, "step_timeout_s", "must be > 0")
         _check(self.parallel.core_heartbeat_interval_s > 0, "core_heartbeat_interval_s",
                "must be > 0")
         _check(self.parallel.core_heartbeat_timeout_s > self.parallel.core_heartbeat_interval_s,
                "core_heartbeat_timeout_s", "must be > core_heartbeat_interval_s")
-        _check(self.parallel.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
-               f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
-               f"got {self.parallel.placement_strategy!r}")
         _check(self.parallel.max_core_restarts >= 0, "max_core_restarts", "must be >= 0")
         _check(self.device.device in DEVICES, "device",
                f"must be one of {', '.join(DEVICES)}, got {self.device.device!r}")

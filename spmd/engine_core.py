@@ -55,9 +55,9 @@ class EngineCore:
         self.transport: Transport = make_transport(
             config.parallel.backend, worker_class(config.device.device), self.rank_config,
             num_cpus_per_rank=config.parallel.num_cpus_per_rank,
+            placement_strategy=config.parallel.placement_strategy,
             step_timeout_s=config.parallel.step_timeout_s,
-            start_timeout_s=config.parallel.start_timeout_s,
-            placement_strategy=config.parallel.placement_strategy)
+            start_timeout_s=config.parallel.start_timeout_s)
         try:
             self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
             self.call_all("initialize_cache", self.num_kv_blocks)
@@ -84,6 +84,7 @@ class EngineCore:
         self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0,
                                 failed_steps=0)
         self._closed = False
+        self._fatal: str | None = None  # set by a fatal rank failure: no more steps
 
     # ---- requests -----------------------------------------------------------------
 
@@ -134,6 +135,9 @@ class EngineCore:
     def step(self) -> StepOutputs | None:
         """Schedules and runs one step on all ranks; the new tokens of every sequence
         that advanced. None when there was nothing to run."""
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine stopped after a fatal failure ({self._fatal}); "
+                               "start a new one")
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
@@ -148,6 +152,7 @@ class EngineCore:
             out = decode_output(self.transport.step(data, expected_s))
         except RankFailure as e:
             if e.fatal:  # a dead or hung rank, or a broken transport: the engine stops
+                self._fatal = str(e).splitlines()[0]
                 raise
             return self._fail_step(sched, str(e))
         t_back = time.perf_counter()

@@ -1,142 +1,183 @@
-"""A two-node Ray cluster on this machine (``ray start --head`` plus a second
-``ray start --address``, each with its own resources) and a tp=2 group spread across
-both (STRICT_SPREAD): greedy parity with transformers holds, and stopping the second
-node fails the group with a clear error, in bounded time, and no hang.
+"""A two-node Ray cluster on this one machine, with the tp=2 group spread across
+both nodes (STRICT_SPREAD): greedy parity with transformers holds, and stopping
+the second node fails the group cleanly (a named error, in bounded time, no hang).
 
-The test session has its own Ray cluster in-process and a process joins one cluster
-only, so the engine runs in a driver subprocess."""
+The pytest session may hold its own Ray cluster and a process joins only one, so
+the cluster runs from ``ray start`` and the engine in a driver subprocess.
+"""
 
 import json
 import os
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
+import psutil
 import pytest
 
-from conftest import free_port, hf_greedy, mixed_prompts
+from conftest import hf_greedy, mixed_prompts
+from spmd import EngineConfig
 
 pytestmark = pytest.mark.slow
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-STOPPED_BOUND_S = 60
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "two_node_driver.py")
+MAX_TOKENS = 8
+ERROR_WITHIN_S = 60
 
-DRIVER = textwrap.dedent("""
-    import json, sys, time
-    import ray
-    from ray._private import state
-    from spmd import LLM, SamplingParams
-
-    model, prompts = sys.argv[1], json.loads(sys.argv[2])
-    ray.init(address="auto", include_dashboard=False, log_to_driver=False)
-    llm = LLM(model, tensor_parallel_size=2, placement_strategy="STRICT_SPREAD",
-              num_cpus_per_rank=1, skip_tokenizer_init=True, max_model_len=256, device="cpu",
-              step_timeout_s=30)
-    ranks = sorted((a["Name"], a["Address"]["NodeID"]) for a in state.actors().values()
-                   if a["ActorClassName"] == "RankActor" and a["State"] == "ALIVE")
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    print(json.dumps({"rank_nodes": [n for _, n in ranks],
-                      "tokens": [o.outputs[0].token_ids for o in outs]}), flush=True)
-    sys.stdin.readline()  # the test stops the second node, then says go
-    t0 = time.monotonic()
-    try:
-        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        result = {"error": None}
-    except Exception as e:
-        result = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    result["error_after_s"] = time.monotonic() - t0
-    llm.shutdown()
-    print(json.dumps(result), flush=True)
-""")
+# A loopback throwaway cluster: no token auth, and never the session's RAY_ADDRESS.
+ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
 
 
-def _ray_start(tmp, env, *args) -> None:
-    subprocess.run([RAY, "start", "--disable-usage-stats", *args], env=env, check=True,
-                   capture_output=True, timeout=120)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _node_processes(temp_dir: str, resource: str) -> list[int]:
-    """The raylet holding ``resource`` and its children (that node's workers)."""
+def _start_node(temp_dir: str, resource: str, head_port: int, head: bool) -> None:
+    # Every port explicit (the session's cluster holds the defaults); workers on random ports,
+    # so the two raylets of this machine never hand out the same one.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
+    if head:
+        role = [f"--port={head_port}", "--head", "--include-dashboard=false",
+                f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    else:
+        role = [f"--address=127.0.0.1:{head_port}"]
+    start = subprocess.run(
+        [RAY, "start", *role, "--num-cpus=2", f"--resources={json.dumps({resource: 1})}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--min-worker-port=0",
+         "--max-worker-port=0", *ports], capture_output=True, text=True, timeout=120, env=ENV)
+    assert start.returncode == 0, start.stderr[-3000:]
+
+
+def _stop_node(temp_dir: str) -> None:
+    """SIGKILLs one node: every process naming its temp dir (raylet, log monitor, GCS
+    on the head) and all their descendants (agents, workers: they run as ``ray::...``).
+    Not ``ray stop``: that stops every node on the machine, the session's own too."""
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or [])]
     procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for root in roots:
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        procs[int(pid)] = (ppid, args)
-    raylets = [pid for pid, (_, args) in procs.items()
-               if "raylet/raylet" in args and temp_dir in args and f"={resource}," in args]
-    return raylets + [pid for pid, (ppid, _) in procs.items() if ppid in raylets]
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=15)
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    temp_dir = tempfile.mkdtemp(prefix="spmd2n-", dir="/tmp")  # short: socket paths have a limit
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"  # a local test cluster: no token to hand around
+@pytest.fixture(scope="module", params=["idle", "busy"])
+def two_node_run(request, tiny_dir):
+    """Runs the scenario once per mode on a fresh cluster: the second node stops while
+    the engine is idle (between generate calls) or busy (a generate in flight)."""
+    mode = request.param
+    model = tiny_dir("llama")
+    prompts = mixed_prompts(4, 256, seed=3, lo=3, hi=40)
+    # Short temp dirs: Ray's Unix sockets live under them (108-byte path limit).
+    dirs = [tempfile.mkdtemp(prefix=f"ray2n{c}-", dir="/tmp") for c in "ab"]
+    head_port = _free_port()
+    driver = None
+    errors = tempfile.TemporaryFile("w+")  # the driver's stderr: a file never fills up and blocks it
     try:
-        _ray_start(tmp_path, env, "--head", "--port", str(port), "--num-cpus", "2",
-                   "--resources", '{"node_a": 1}', "--temp-dir", temp_dir,
-                   "--include-dashboard=false", "--ray-client-server-port", str(free_port()))
-        _ray_start(tmp_path, env, "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
-                   "--resources", '{"node_b": 1}')
-        yield temp_dir, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    finally:
-        # Not `ray stop`: it would stop the test session's own cluster too.
-        out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout
-        for pid in map(int, out.split()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_tp2_across_two_nodes_keeps_parity_and_a_stopped_node_fails_cleanly(two_nodes, tiny_dir):
-    temp_dir, env = two_nodes
-    path = tiny_dir("llama")
-    prompts = mixed_prompts(4, 256, seed=21)
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, path, json.dumps(prompts)], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        first = json.loads(driver.stdout.readline() or "null")
-        assert first is not None, driver.stderr.read()[-3000:]
-        assert len(set(first["rank_nodes"])) == 2, first  # one rank per node
-        assert first["tokens"] == hf_greedy(path, prompts, 8)
-        node_b = _node_processes(temp_dir, "node_b")
-        assert node_b, "the second node's raylet was not found"
         t0 = time.monotonic()
-        for pid in node_b:
-            os.kill(pid, signal.SIGKILL)
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        line = driver.stdout.readline()
-        second = json.loads(line or "null")
-        assert second is not None, driver.stderr.read()[-3000:]
-        elapsed = time.monotonic() - t0
-        print(f"two nodes: parity on {len(prompts)} prompts; after the node stopped the group "
-              f"failed in {second['error_after_s']:.1f} s: {second['error']}")
-        assert second["error"] is not None and "rank" in second["error"], second
-        assert elapsed < STOPPED_BOUND_S
-        assert driver.wait(60) == 0
-        stderr = driver.stderr.read()
-        assert "Traceback" not in stderr, stderr[-3000:]
-        out = os.environ.get("RELIABILITY_OUT")
-        if out:
-            with open(os.path.join(out, "two_node.json"), "w") as f:
-                json.dump(dict(prompts=len(prompts), parity=True, rank_nodes=2,
-                               error_after_s=round(second["error_after_s"], 1),
-                               error=second["error"]), f, indent=1)
+        _start_node(dirs[0], "node_a", head_port, head=True)
+        _start_node(dirs[1], "node_b", head_port, head=False)
+        print(f"\n[{mode}] two-node cluster up in {time.monotonic() - t0:.1f} s")
+        driver = subprocess.Popen(
+            [sys.executable, DRIVER, mode, model, json.dumps(prompts), str(MAX_TOKENS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+            cwd=ROOT, env={**ENV, "RAY_ADDRESS": f"127.0.0.1:{head_port}", "PYTHONPATH": ROOT})
+        first = _read_report(driver, errors, timeout_s=150)
+        if mode == "busy":
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+            time.sleep(2.0)  # generate calls back to back by now
+        stopped_at = time.time()
+        _stop_node(dirs[1])
+        if mode == "idle":
+            driver.stdin.write("go\n")
+            driver.stdin.flush()
+        second = _read_report(driver, errors, timeout_s=ERROR_WITHIN_S + 30)
+        rc = driver.wait(timeout=30)
+        stderr = _text(errors)
+        yield dict(mode=mode, model=model, prompts=prompts, first=first, second=second, rc=rc,
+                   stderr=stderr, error_after_s=second["error_at"] - stopped_at)
     finally:
-        if driver.poll() is None:
+        if driver is not None and driver.poll() is None:
             driver.kill()
+            driver.wait()
+        errors.close()
+        for d in reversed(dirs):
+            _stop_node(d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _text(file) -> str:
+    file.seek(0)
+    return file.read()
+
+
+def _read_report(driver: subprocess.Popen, errors, timeout_s: float) -> dict:
+    """The driver's next JSON line; fails (with its stderr) if it dies or goes silent."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(driver.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sel.select(timeout=1.0):
+            line = driver.stdout.readline()
+            if not line:
+                break
+            if line.startswith("{"):
+                return json.loads(line)
+    driver.kill()
+    pytest.fail(f"driver gave no report within {timeout_s:.0f} s (rc={driver.wait()}):\n"
+                + _text(errors)[-4000:])
+
+
+def test_placement_strategy_is_validated():
+    spread = EngineConfig.from_kwargs(placement_strategy="STRICT_SPREAD")
+    assert spread.parallel.placement_strategy == "STRICT_SPREAD"
+    assert EngineConfig().parallel.placement_strategy == "PACK"
+    with pytest.raises(ValueError, match="placement_strategy: must be one of PACK, SPREAD"):
+        EngineConfig.from_kwargs(placement_strategy="spread")
+
+
+def test_tp2_spread_over_two_nodes_matches_transformers(two_node_run):
+    first = two_node_run["first"]
+    assert first["bundle_nodes"] == first["actor_nodes"], first
+    assert len(set(first["actor_nodes"])) == 2, f"both ranks on one node: {first}"
+    ref = hf_greedy(two_node_run["model"], two_node_run["prompts"], MAX_TOKENS)
+    assert first["tokens"] == ref
+    print(f"[{two_node_run['mode']}] two-node parity: {len(ref)} prompts x {MAX_TOKENS} greedy "
+          f"tokens equal transformers (ranks on nodes {[n[:8] for n in first['actor_nodes']]})")
+
+
+def test_stopping_the_second_node_fails_the_group_cleanly(two_node_run):
+    first, second, stderr = two_node_run["first"], two_node_run["second"], two_node_run["stderr"]
+    error = second["error"]
+    assert error is not None, "generate succeeded with the second node gone"
+    assert error["type"] == "RankFailure" and error["fatal"], error
+    lost_rank = first["actor_nodes"].index(first["node_names"]["node_b"])
+    assert error["ranks"] == [lost_rank], error
+    assert f"rank {lost_rank} on node {first['node_names']['node_b']}" in error["message"], error
+    assert two_node_run["error_after_s"] < ERROR_WITHIN_S, second
+    assert two_node_run["rc"] == 0, stderr[-4000:]
+    assert "Traceback" not in stderr, stderr[-4000:]
+    print(f"[{two_node_run['mode']}] node loss (rank {lost_rank} on the stopped node): "
+          f"{error['type']} {two_node_run['error_after_s']:.1f} s after the node stopped "
+          f"(generate {second['generate_s']:.1f} s, shutdown {second['shutdown_s']:.1f} s): "
+          f"{error['message'][:160]}")

@@ -82,6 +82,19 @@ def _check_error(body, sent: bytes) -> str | None:
     return f"message shows internals {leaks}" if leaks else None
 
 
+def _post(http: httpx.Client, path: str, content, headers: dict) -> httpx.Response:
+    """A POST whose whole answer (a stream too) must come within REQUEST_TIMEOUT_S."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    with http.stream("POST", path, content=content, headers=headers) as resp:
+        body = bytearray()
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if time.monotonic() > deadline:
+                raise httpx.ReadTimeout("the answer took longer than REQUEST_TIMEOUT_S")
+    return httpx.Response(resp.status_code, headers=resp.headers, content=bytes(body),
+                          request=resp.request)
+
+
 def send(http: httpx.Client, source: str, path: str, sent: bytes | None, *,
          headers: dict | None = None, content=None) -> httpx.Response | None:
     """POSTs ``sent`` (or the iterable ``content``) and records whether the answer keeps
@@ -90,8 +103,8 @@ def send(http: httpx.Client, source: str, path: str, sent: bytes | None, *,
     counts["tried"] += 1
     sent = sent if sent is not None else b"<streamed body>"
     try:
-        resp = http.post(path, content=content if content is not None else sent,
-                         headers={"content-type": "application/json", **(headers or {})})
+        resp = _post(http, path, content if content is not None else sent,
+                     {"content-type": "application/json", **(headers or {})})
     except httpx.TimeoutException:
         counts["timeouts"] += 1
         return None
@@ -139,7 +152,7 @@ def _check_stream(text: str, sent: bytes) -> str | None:
 
 def _small(path: str, body):
     """The same body with small n / token counts (where they are ints), so that the run
-    stays bounded; other fields as drawn."""
+    stays bounded, and a content in each chat message; other fields as drawn."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
@@ -152,8 +165,14 @@ def _small(path: str, body):
         if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 2 \
                 and all(isinstance(p, (str, list)) for p in body["prompt"]):
             body["prompt"] = body["prompt"][:2]
-    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_completion_tokens"] = 4
+    else:
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_completion_tokens"] = 4
+        # SmolLM2's template needs a content (the schema has it optional): without one, most
+        # drawn conversations stop at the template's 400 and never reach the engine.
+        if isinstance(body.get("messages"), list):
+            body["messages"] = [dict(m, content="") if isinstance(m, dict)
+                                and m.get("content") is None else m for m in body["messages"]]
     return body
 
 

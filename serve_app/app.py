@@ -22,6 +22,7 @@ from ray.serve import Application
 
 from serve_app.errors import APIError, bad_schema, bad_value, error_for, install_handlers
 from serve_app.metrics import ServerMetrics
+from serve_app.openapi import publish_request_schemas
 from serve_app.options import ServerOptions, parse_args
 from serve_app.protocol import (
     ChatChoice,
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 # /openapi.json is a route of the class below (behind the API key when one is set).
 fastapi_app = FastAPI(title="spmd-serve", docs_url=None, redoc_url=None, openapi_url=None)
 install_handlers(fastapi_app)
+publish_request_schemas(fastapi_app)
 
 
 def _sampling_params(req) -> SamplingParams:

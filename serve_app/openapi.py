@@ -1,0 +1,113 @@
+"""The request and error bodies in the app's OpenAPI schema: the routes read a raw
+``Request`` (for the body-size limit and our own error bodies), so FastAPI cannot see
+their pydantic models; this publishes them, and the OpenAI error body, by hand."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
+
+_REF = "#/components/schemas/{model}"
+
+# path -> (request model, response model) of each POST endpoint
+_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "/v1/completions": (CompletionRequest, CompletionResponse),
+    "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
+}
+
+_ERRORS = {
+    400: "Invalid request: malformed JSON, a wrong type or a value out of range",
+    401: "Missing or wrong API key",
+    404: "No such model",
+    413: "Request body larger than max_body_bytes",
+    503: "The engine is unavailable (restarting or shutting down)",
+}
+
+# What CompletionRequest's "before" validator accepts, which pydantic reports as `Any` ({}).
+_PROMPT = {
+    "title": "Prompt",
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+         "minItems": 1},
+    ],
+}
+
+_ERROR_SCHEMAS = {
+    "ErrorDetail": {
+        "title": "ErrorDetail",
+        "type": "object",
+        "properties": {
+            "message": {"type": "string"},
+            "type": {"type": "string"},
+            "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["message", "type"],
+    },
+    "ErrorResponse": {
+        "title": "ErrorResponse",
+        "type": "object",
+        "properties": {"error": {"$ref": _REF.format(model="ErrorDetail")}},
+        "required": ["error"],
+    },
+}
+
+
+def publish_request_schemas(app: FastAPI) -> None:
+    """Makes ``app.openapi()`` describe the POST bodies, their 200 responses and the
+    error responses. Call once, after the routes' module has been set up."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_bodies(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _with_bodies(schema: dict) -> dict:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    _add_components(components, _ERROR_SCHEMAS)
+    errors = {str(status): {"description": text, "content": {"application/json": {
+        "schema": {"$ref": _REF.format(model="ErrorResponse")}}}}
+        for status, text in _ERRORS.items()}
+    for path, (request, response) in _BODIES.items():
+        operation = schema.get("paths", {}).get(path, {}).get("post")
+        if operation is None:  # the route is not mounted (or not in the schema)
+            continue
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": _REF.format(model=_component(components, request,
+                                                              "validation"))}}}}
+        ok = {"application/json": {"schema": {"$ref": _REF.format(
+            model=_component(components, response, "serialization"))}},
+            "text/event-stream": {"schema": {"type": "string"}}}  # stream=true
+        operation["responses"] = {"200": {"description": "Successful Response", "content": ok},
+                                  **errors}
+    return schema
+
+
+def _component(components: dict, model: type[BaseModel], mode: str) -> str:
+    """Adds ``model`` (and its ``$defs``) to ``components``; returns its name there."""
+    body = model.model_json_schema(ref_template=_REF, mode=mode)
+    _add_components(components, body.pop("$defs", {}))
+    if model is CompletionRequest and body["properties"].get("prompt") == {"title": "Prompt"}:
+        body["properties"]["prompt"] = _PROMPT
+    _add_components(components, {model.__name__: body})
+    return model.__name__
+
+
+def _add_components(components: dict, new: dict) -> None:
+    for name, body in new.items():
+        # Two models of one name would make the refs ambiguous.
+        assert components.get(name, body) == body, f"two OpenAPI schemas named {name!r}"
+        components[name] = body

@@ -181,8 +181,14 @@ class LLMServer:
         if req.echo and self.engine.tokenizer is None:
             raise APIError(400, "echo: needs a tokenizer (the server runs with "
                            "skip_tokenizer_init)", param="echo")
+        prompts = req.prompts()
+        limit = min(self.engine.config.limits.max_n, self.engine.config.scheduler.max_num_seqs)
+        if len(prompts) * params.n > limit:
+            raise APIError(400, f"prompt: {len(prompts)} prompts × n={params.n} = "
+                           f"{len(prompts) * params.n} sequences exceed the limit of {limit} "
+                           "per request (max_n, max_num_seqs)", param="prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await EngineStreams.start(self.engine, self.metrics, request_id, req.prompts(),
+        streams = await EngineStreams.start(self.engine, self.metrics, request_id, prompts,
                                             params)
         echo = [self._prompt_text(out) if req.echo else "" for out in streams.firsts]
         head = dict(id=request_id, created=int(time.time()), model=self.model_name)

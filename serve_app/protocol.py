@@ -132,19 +132,14 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
 class ChatMessage(BaseModel):
     # Extra keys (name, tool_calls, tool_call_id, ...) reach the chat template.
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
     @model_validator(mode="after")
-    def _check_role(self):
-        if self.role not in ROLES:
-            raise ValueError(f"role: {self.role!r} is not one of {', '.join(ROLES)}")
+    def _check_content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content: must be a string or a list of text parts for role "
                              f"{self.role!r} (only an assistant message may have null content)")
@@ -174,6 +169,10 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise ValueError(f"max_tokens: {self.max_tokens} disagrees with max_completion_tokens="
+                             f"{self.max_completion_tokens}; give one of them")
         max_tokens = (self.max_tokens if self.max_completion_tokens is None
                       else self.max_completion_tokens)
         return self._sampling_params(max_tokens, logprobs)

@@ -282,7 +282,7 @@ HOSTILE = [
     pytest.param(C, _raw(dict(CMPL, n=10_000)), {400}, id="n=10000"),
     pytest.param(H, _raw(dict(CHAT, n=10_000, stream=True)), {400}, id="chat-n=10000-stream"),
     pytest.param(C, _raw(dict(CMPL, max_tokens=10 ** 6)), {400}, id="max_tokens-beyond-context"),
-    pytest.param(C, _raw(dict(CMPL, prompt=[[1, 2]] * 10_000)), ANY, id="10000-prompts"),
+    pytest.param(C, _raw(dict(CMPL, prompt=[[1, 2]] * 10_000)), {400}, id="10000-prompts"),
     pytest.param(C, _raw(dict(CMPL, stop=[f"s{i}" for i in range(1000)])), ANY,
                  id="1000-stop-strings"),
     pytest.param(H, _raw(dict(CHAT, stop=["x" * 10_000] * 4)), ANY, id="long-stop-strings"),

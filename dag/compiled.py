@@ -3,7 +3,9 @@ pushes each step's bytes to every rank at once."""
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import time
 
 import ray
@@ -44,8 +46,10 @@ class CompiledGraphTransport(Transport):
         with InputNode() as inp:
             graph = MultiOutputNode([a.execute_model.bind(inp) for a in group.actors])
         try:
+            sems_before = _channel_semaphores()
             self.graph = graph.experimental_compile(
                 _submit_timeout=step_timeout_s, _max_inflight_executions=max_inflight)
+            self._semaphores = _channel_semaphores() - sems_before
         except BaseException:
             group.shutdown()
             raise
@@ -108,6 +112,7 @@ class CompiledGraphTransport(Transport):
         without the teardown handshake (which would wait on the broken rank)."""
         self._closed = True
         self.group.shutdown()
+        self._unlink_semaphores()
 
     def shutdown(self) -> None:
         if self._closed:
@@ -120,6 +125,24 @@ class CompiledGraphTransport(Transport):
         except Exception as e:  # a rank already gone: nothing left to hand back
             logger.debug("compiled graph teardown: %s", e)
         self.group.shutdown()
+        self._unlink_semaphores()
+
+    def _unlink_semaphores(self) -> None:
+        """The raylet names two POSIX semaphores per graph channel in /dev/shm and
+        removes them only when it exits: a long-lived cluster that rebuilds graphs (a
+        replica restarting its core) would collect them. The names appeared while this
+        graph compiled; after teardown nothing opens them by name again."""
+        for path in self._semaphores:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._semaphores = set()
+
+
+def _channel_semaphores() -> set[str]:
+    """This node's named semaphores of Ray's mutable objects (graph channels)."""
+    return set(glob.glob("/dev/shm/sem.hdr*")) | set(glob.glob("/dev/shm/sem.obj*"))
 
 
 def _ranks_named(message: str, tp_size: int) -> list[int]:

@@ -43,6 +43,7 @@ class Worker:
     """Device-independent rank logic. Subclasses mix in a device."""
 
     device: torch.device
+    _fault: tuple[str, object] | None = None  # set by fail_next_step / hang_next_step
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -55,7 +56,6 @@ class Worker:
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
         self._thread = threading.get_ident()
-        self._fault: tuple[str, object] | None = None  # fail_next_step / hang_next_step
         # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 

@@ -10,12 +10,11 @@ import the ``server`` fixture from here."""
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
-import httpx
 import pytest
 
+from bench.faults import wait_healthy
 from conftest import free_port
 from serve_app import deploy
 
@@ -65,18 +64,6 @@ def alive_actors() -> dict[str, Actor]:
 
 def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm"))
-
-
-def wait_healthy(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the app did not become healthy"
-        time.sleep(0.5)
 
 
 def write_figures(name: str, figures: dict) -> None:

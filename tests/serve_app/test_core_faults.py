@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from bench.faults import wait_healthy
 from conftest import free_port
 from serve_app import deploy
 
@@ -33,15 +34,7 @@ def base_url(ray_cluster, tiny_dir):
                       "served_model_name": "slow"}),
               name="faults", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the app did not become healthy"
-        time.sleep(0.5)
+    wait_healthy(url, 120)
     yield url
     serve.shutdown()
 

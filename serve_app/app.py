@@ -183,7 +183,7 @@ class LLMServer:
                            "skip_tokenizer_init)", param="echo")
         prompts = req.prompts()
         limit = min(self.engine.config.limits.max_n, self.engine.config.scheduler.max_num_seqs)
-        if len(prompts) * params.n > limit:
+        if len(prompts) > 1 and len(prompts) * params.n > limit:  # one prompt: n's own check
             raise APIError(400, f"prompt: {len(prompts)} prompts × n={params.n} = "
                            f"{len(prompts) * params.n} sequences exceed the limit of {limit} "
                            "per request (max_n, max_num_seqs)", param="prompt")

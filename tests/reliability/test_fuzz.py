@@ -21,7 +21,7 @@ from reliability_server import INTERNALS, MODEL, server, wait_healthy, write_fig
 pytestmark = pytest.mark.slow
 
 PATHS = ["/v1/completions", "/v1/chat/completions"]
-MAX_EXAMPLES = 150  # per endpoint
+MAX_EXAMPLES = 100  # per endpoint
 BUDGET_S = 45  # per endpoint: examples past it are drawn but not sent
 REQUEST_TIMEOUT_S = 30
 RAW_EVERY = 4  # one generated body in this many is sent as drawn; the rest get small n/max_tokens

@@ -78,7 +78,10 @@ def _stop_node(temp_dir: str) -> None:
     psutil.wait_procs(list(procs.values()), timeout=15)
 
 
-@pytest.fixture(scope="module", params=["idle", "busy"])
+# "idle" (the node stops between generate calls) runs with SPMD_TWO_NODE_IDLE=1: make test
+# keeps the busy case only (a cluster start each; the idle figures are in RELIABILITY.md).
+@pytest.fixture(scope="module",
+                params=["busy", "idle"] if os.environ.get("SPMD_TWO_NODE_IDLE") else ["busy"])
 def two_node_run(request, tiny_dir):
     """Runs the scenario once per mode on a fresh cluster: the second node stops while
     the engine is idle (between generate calls) or busy (a generate in flight)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from serve_app.protocol import UsageInfo
 from spmd import AsyncEngine, RequestOutput, SamplingParams
 from spmd.output_processor import merge_delta
 
-logger = logging.getLogger(__name__)
 
 
 class EngineStreams:

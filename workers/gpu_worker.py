@@ -5,6 +5,9 @@ Ray gives each rank actor one GPU (``num_gpus=1``), so the rank always sees it a
 ``cuda:0``. Decode steps whose batch fits the graph ladder replay a captured graph
 (inputs padded to the next captured size: padding rows have ``seq_len == 0`` and KV
 slot -1, so they read and write nothing); prefill, mixed and larger batches run eagerly.
+With LoRA on, each size is captured twice: without adapters (base-only batches pay
+nothing) and with the LoRA ops reading a token → slot map from fixed buffers, so one
+graph serves any mix of adapters.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.distributed as dist
 
 from workers.attention import AttentionMetadata
 from workers.input_batch import StepInputs
+from workers.layers.lora import LoRAMapping
 from workers.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,9 @@ class GPUMixin:
             # Creates the communicator now, so the first step (or a graph capture) does not.
             dist.all_reduce(torch.zeros(1, device=self.device))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.config.max_loras:
+            import workers.triton_lora  # noqa: F401  (CUDA kernels of the LoRA ops)
 
     def init_thread(self) -> None:
         # The current CUDA device and OpenMP's thread count are per thread.
@@ -144,7 +151,7 @@ class GPUMixin:
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         cfg = self.config
-        self.graphs = {}
+        self.graphs, self.lora_graphs = {}, {}
         sizes = [] if cfg.enforce_eager else graph_batch_sizes(
             min(cfg.cuda_graph_max_batch_size, cfg.max_num_seqs))
         if not sizes:
@@ -164,25 +171,37 @@ class GPUMixin:
         # (a freed one is recycled by the allocator and the replay reads garbage).
         self._starts = starts = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         slots.fill_(-1)
+        lora_maps: dict[int, LoRAMapping | None] = {bs: None for bs in sizes}
+        if self.lora is not None:
+            # token slots, tokens sorted by slot, segment starts: one copy per LoRA step
+            num_lora = 2 * max_bs + cfg.max_loras + 1
+            self._host_lora = torch.zeros(num_lora, dtype=torch.int32, pin_memory=True)
+            self._dev_lora = torch.zeros_like(self._host_lora, device=dev)
+            token_slots, sorted_idx = self._dev_lora[:2 * max_bs].view(2, max_bs)
+            seg_starts = self._dev_lora[2 * max_bs:]
+            lora_maps = {bs: LoRAMapping(token_slots[:bs], sorted_idx[:bs], seg_starts)
+                         for bs in sizes}
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(sizes):  # largest first: smaller graphs reuse its pool
-            meta = AttentionMetadata(query_start_loc=starts[:bs + 1], seq_lens=seq_lens[:bs],
-                                     block_tables=tables[:bs], slot_mapping=slots[:bs],
-                                     max_query_len=1, max_seq_len=cfg.max_model_len)
+        for with_lora in ((False, True) if self.lora is not None else (False,)):
+            for bs in reversed(sizes):  # largest first: smaller graphs reuse its pool
+                meta = AttentionMetadata(query_start_loc=starts[:bs + 1], seq_lens=seq_lens[:bs],
+                                         block_tables=tables[:bs], slot_mapping=slots[:bs],
+                                         max_query_len=1, max_seq_len=cfg.max_model_len)
+                lora = lora_maps[bs] if with_lora else None
 
-            def run(bs=bs, meta=meta):
-                hidden = self.model(ids[:bs], positions[:bs], meta, self.kv_caches)
-                return self.model.compute_logits(hidden)
+                def run(bs=bs, meta=meta, lora=lora):
+                    hidden = self.model(ids[:bs], positions[:bs], meta, self.kv_caches, lora)
+                    return self.model.compute_logits(hidden)
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()  # warm-up outside the graph (allocator, Triton compilation)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = run()
-            self.graphs[bs] = (graph, logits)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()  # warm-up outside the graph (allocator, Triton compilation)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = run()
+                (self.lora_graphs if with_lora else self.graphs)[bs] = (graph, logits)
         torch.cuda.synchronize()
         self._graph_sizes = np.array(sizes)
         logger.info("rank %d: captured %d CUDA graphs (batch 1..%d)", self.tp_rank, len(sizes),
@@ -212,8 +231,24 @@ class GPUMixin:
         rows32 = max_bs + bs * self._max_blocks  # only the rows this graph reads
         self._dev32[:rows32].copy_(self._host32[:rows32], non_blocking=True)
         graph, logits = self.graphs[bs]
+        token_slots = self._token_slots(inputs)
+        if token_slots is not None:
+            graph, logits = self.lora_graphs[bs]
+            self._fill_lora_inputs(token_slots, bs, max_bs)
         graph.replay()
         return logits[:n]
+
+    def _fill_lora_inputs(self, token_slots: np.ndarray, bs: int, max_bs: int) -> None:
+        from workers.lora_ops import lora_metadata
+
+        padded = np.full(bs, -1, np.int32)
+        padded[:len(token_slots)] = token_slots
+        sorted_idx, seg_starts = lora_metadata(padded, self.config.max_loras)
+        host = self._host_lora.numpy()
+        host[:bs] = padded
+        host[max_bs:max_bs + bs] = sorted_idx
+        host[2 * max_bs:] = seg_starts
+        self._dev_lora.copy_(self._host_lora, non_blocking=True)
 
 
 class GPUWorker(GPUMixin, Worker):

@@ -11,6 +11,11 @@ taken side by side are the ones to compare. ``hf`` is Hugging Face transformers
 of ``--hf-batch-size``). Every backend counts the same tokens: each prompt's
 tokens plus the output tokens that request asked for.
 
+``--lora-rank 16 --num-loras 4`` writes that many random adapters (all seven
+projections of every layer) and runs each engine three times on the same prompts:
+the base model (LoRA off), every request on one adapter, and the requests spread
+round-robin over all of them; the ratios are the cost of LoRA.
+
 Static-shape mode (``--device spyre --warmup-shapes 256,128,8``, or ``--device
 tpu-emulated``) is compared with the default engine on the same prompts by
 ``--devices cpu,spyre``; the warm-up (compile) time of each shape is reported.
@@ -111,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--disable-detokenize", action="store_true",
                    help="do not detokenize outputs (they are always detokenized when the model has a tokenizer)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="hf backend: prompts per generate call; 0: all")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the random adapters")
+    p.add_argument("--num-loras", type=int, default=0,
+                   help="> 0: compare the base model, 1 adapter and this many (random, PEFT format)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
@@ -120,6 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = detect_device()
     args.backends = [b.strip() for b in (args.backends or args.backend).split(",") if b.strip()]
     args.devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
+    if args.num_loras < 0 or args.lora_rank < 1:
+        p.error("--num-loras must be >= 0 and --lora-rank >= 1")
+    if args.num_loras and "hf" in args.backends:
+        p.error("--num-loras: compares engine runs; leave hf out of --backends")
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
@@ -164,8 +176,10 @@ def check_fits(workload: Workload, max_model_len: int) -> None:
 
 # ---- backends -----------------------------------------------------------------------------
 
-def run_engine(backend: str, device: str, model_path: str, workload: Workload, args) -> Result:
-    from spmd import LLM, SamplingParams
+def run_engine(backend: str, device: str, model_path: str, workload: Workload, args,
+               adapters: list[str] = ()) -> Result:
+    """One engine run; with ``adapters``, LoRA on and request i runs adapter i mod n."""
+    from spmd import LLM, LoRARequest, SamplingParams
 
     static = dict(warmup_shapes=";".join(args.warmup_shapes) if device == "spyre" else None,
                   compile_backend=args.compile_backend)
@@ -175,15 +189,21 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
               skip_tokenizer_init=not _has_tokenizer(model_path),
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              **(dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=args.lora_rank)
+                 if adapters else {}))
     try:
         startup_s = time.perf_counter() - t0
         params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
                                  detokenize=not args.disable_detokenize) for k in workload.output_lens]
         prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+        loras = [LoRARequest(f"adapter{i}", i + 1, path) for i, path in enumerate(adapters)]
+        for lora in loras:  # loaded before the clock starts, as a server loads them at deploy
+            llm.engine.add_lora(lora)
+        per_prompt = [loras[i % len(loras)] for i in range(len(prompts))] if loras else None
         steps = _record_steps(llm.engine)
         t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params)
+        outputs = llm.generate(prompts, params, lora_request=per_prompt)
         elapsed_s = time.perf_counter() - t0
         extra = dict(step_stats(steps), num_kv_blocks=llm.engine.num_kv_blocks,
                      preemptions=llm.engine.stats_total["preemptions"],
@@ -192,6 +212,7 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
     finally:
         llm.shutdown()
     label = backend if device == "cpu" else f"{backend}:{device}"
+    label += f"+lora{len(adapters)}" if adapters else ""
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != workload.num_output_tokens:
         print(f"warning: {label} generated {generated} tokens, {workload.num_output_tokens} requested",
@@ -385,13 +406,24 @@ def main(argv=None) -> dict:
     ray_was_up = ray.is_initialized()
     results = []
     try:
-        runs = [(b, d) for d in args.devices for b in args.backends if b != "hf"]
-        runs += [("hf", args.device)] if "hf" in args.backends else []
-        for backend, device in runs:
+        adapters = []
+        if args.num_loras:
+            import tempfile
+
+            from bench.adapters import write_random_adapters
+
+            root = tempfile.mkdtemp(prefix="spmd-bench-lora-")
+            adapters = write_random_adapters(root, hf_config, args.lora_rank, args.num_loras,
+                                             seed=args.seed, dtype=_dtype_name(args.dtype, args.device))
+        lora_sets = [[], adapters[:1], adapters] if args.num_loras > 1 else [[], adapters] \
+            if args.num_loras else [[]]
+        runs = [(b, d, s) for d in args.devices for b in args.backends if b != "hf" for s in lora_sets]
+        runs += [("hf", args.device, [])] if "hf" in args.backends else []
+        for backend, device, lora_set in runs:
             if backend == "hf":
                 result = run_hf(model_path, workload, args)
             else:
-                result = run_engine(backend, device, model_path, workload, args)
+                result = run_engine(backend, device, model_path, workload, args, lora_set)
             results.append(result.summary())
             r = results[-1]
             print(f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} "
@@ -422,6 +454,7 @@ def main(argv=None) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads_per_rank=args.num_threads_per_rank or None,
         hf_batch_size=(args.hf_batch_size or args.num_prompts) if "hf" in args.backends else None,
+        lora_rank=args.lora_rank if args.num_loras else None, num_loras=args.num_loras or None,
         seed=args.seed,
         results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
         machine=machine_info())

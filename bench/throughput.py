@@ -130,8 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
     if args.num_loras < 0 or args.lora_rank < 1:
         p.error("--num-loras must be >= 0 and --lora-rank >= 1")
-    if args.num_loras and "hf" in args.backends:
-        p.error("--num-loras: compares engine runs; leave hf out of --backends")
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
@@ -256,8 +254,10 @@ def step_stats(records: list[dict]) -> dict:
                 decode_overhead_ms=round(1e3 * float(np.median(overhead)), 3))
 
 
-def run_hf(model_path: str, workload: Workload, args) -> Result:
-    """transformers ``generate``: greedy, EOS disabled, left padding with an attention mask."""
+def run_hf(model_path: str, workload: Workload, args, adapters: list[str] = ()) -> Result:
+    """transformers ``generate``: greedy, EOS disabled, left padding with an attention mask.
+    With ``adapters``: PEFT, every adapter loaded, row i of a batch on adapter i mod n
+    (PEFT's mixed-batch ``adapter_names``; one adapter is simply the active one)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -276,6 +276,14 @@ def run_hf(model_path: str, workload: Workload, args) -> Result:
         folder, gguf_file = resolve_model_path(model_path)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
     model = model.to(args.device).eval()
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    if adapters:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0]).eval()
+        for name, path in zip(names[1:], adapters[1:]):
+            model.load_adapter(path, adapter_name=name)
+        model = model.to(device=args.device, dtype=dtype)
     gen = model.generation_config
     gen.eos_token_id = None  # never stop early: the same tokens as ignore_eos=True
     gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
@@ -297,14 +305,18 @@ def run_hf(model_path: str, workload: Workload, args) -> Result:
             for i, p in enumerate(prompts):
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
+            mixed = dict(adapter_names=[names[(start + i) % len(names)] for i in range(len(prompts))]
+                         ) if len(names) > 1 else {}
             out = model.generate(input_ids=ids.to(args.device), attention_mask=mask.to(args.device),
-                                 max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id)
+                                 max_new_tokens=max_new, do_sample=False, pad_token_id=pad_id,
+                                 **mixed)
             assert out.shape[1] == width + max_new, out.shape
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed_s = time.perf_counter() - t0
     del model
-    return Result("hf", startup_s, elapsed_s, n, workload.num_prompt_tokens, workload.num_output_tokens)
+    label = f"hf+lora{len(adapters)}" if adapters else "hf"
+    return Result(label, startup_s, elapsed_s, n, workload.num_prompt_tokens, workload.num_output_tokens)
 
 
 def _dtype_name(dtype: str, device: str) -> str:
@@ -418,10 +430,10 @@ def main(argv=None) -> dict:
         lora_sets = [[], adapters[:1], adapters] if args.num_loras > 1 else [[], adapters] \
             if args.num_loras else [[]]
         runs = [(b, d, s) for d in args.devices for b in args.backends if b != "hf" for s in lora_sets]
-        runs += [("hf", args.device, [])] if "hf" in args.backends else []
+        runs += [("hf", args.device, s) for s in lora_sets] if "hf" in args.backends else []
         for backend, device, lora_set in runs:
             if backend == "hf":
-                result = run_hf(model_path, workload, args)
+                result = run_hf(model_path, workload, args, lora_set)
             else:
                 result = run_engine(backend, device, model_path, workload, args, lora_set)
             results.append(result.summary())

@@ -91,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --start-server: an engine or server option of serve_app:deploy "
                         "(repeat); the offline run gets the engine options")
     p.add_argument("--skip-offline", action="store_true", help="with --start-server: HTTP only")
+    p.add_argument("--num-loras", type=int, default=0,
+                   help="with --start-server: deploy this many random LoRA adapters "
+                        "(lora_modules) and spread the requests over them, model=<adapter>; "
+                        "the offline run uses the same adapters")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of those adapters")
     p.add_argument("--probe", action="store_true",
                    help="per level: the TTFT of single requests sent idle and then while the "
                         f"level's streams decode ({PROBE_DELAY_S:g} s in), median of 3 each "
@@ -182,6 +187,24 @@ def parse_args(argv=None) -> argparse.Namespace:
             if not eq or not key.strip():
                 p.error(f"{flag}: expected KEY=VALUE, got {item!r}")
             out[key.strip()] = val
+    args.lora_names = []
+    if args.num_loras:
+        if args.start_server is None:
+            p.error("--num-loras: needs --start-server")
+        import tempfile
+
+        from bench.adapters import write_random_adapters
+        from spmd.config import resolve_model
+        from workers.model_loader import load_hf_config
+
+        paths = write_random_adapters(tempfile.mkdtemp(prefix="spmd-bench-lora-"),
+                                      load_hf_config(resolve_model(args.start_server)),
+                                      args.lora_rank, args.num_loras, seed=args.seed,
+                                      dtype="bfloat16")
+        args.lora_names = [f"adapter{i}" for i in range(args.num_loras)]
+        args.serve_args.update(
+            lora_modules=",".join(f"{n}={p}" for n, p in zip(args.lora_names, paths)),
+            enable_lora="true", max_loras=str(args.num_loras), max_lora_rank=str(args.lora_rank))
     if args.start_server is not None:
         # Serve reads many of its settings from the environment when it is imported; in a
         # fresh `python -m bench.serving` the import below is its first one: set them now.
@@ -197,8 +220,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- workload ---------------------------------------------------------------------------
 
-def request_bodies(workload: Workload, endpoint: str, model: str | None) -> list[dict]:
-    """One streamed request per prompt: greedy, ``max_tokens`` always reached."""
+def request_bodies(workload: Workload, endpoint: str, model: str | None,
+                   lora_names: list[str] = ()) -> list[dict]:
+    """One streamed request per prompt: greedy, ``max_tokens`` always reached; with
+    ``lora_names``, request i names adapter i mod n as its model."""
+    bodies = _bodies(workload, endpoint, model)
+    for i, body in enumerate(bodies if lora_names else ()):
+        body["model"] = lora_names[i % len(lora_names)]
+    return bodies
+
+
+def _bodies(workload: Workload, endpoint: str, model: str | None) -> list[dict]:
     common = dict(temperature=0.0, ignore_eos=True, stream=True,
                   stream_options={"include_usage": True})
     if model is not None:
@@ -355,7 +387,7 @@ async def _load_in_process(args, model: str | None, workloads: list[Workload]) -
         model = await _model_and_warmup(client, args, model)
         levels = []
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
-            bodies = request_bodies(workload, args.endpoint, model)
+            bodies = request_bodies(workload, args.endpoint, model, args.lora_names)
             probes = _probe_bodies(args, model, i) if args.probe else []
             idle = await asyncio.to_thread(_probe_thread, args, probes[:3], 0.0)
             loaded = (asyncio.ensure_future(asyncio.to_thread(
@@ -414,7 +446,7 @@ def _load_in_processes(args, model: str | None, workloads: list[Workload]) -> li
     levels = []
     with ClientPool(args, model, args.num_clients) as pool:
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
-            bodies = request_bodies(workload, args.endpoint, model)
+            bodies = request_bodies(workload, args.endpoint, model, args.lora_names)
             offsets = arrival_offsets(len(bodies), args.load, level, args.seed + i)
             bar = tqdm(total=len(bodies), desc=f"{args.load.replace('_', ' ')} {level:g}",
                        unit="req")
@@ -782,7 +814,7 @@ def _read_from(path: str, offset: int) -> str:
 def run_offline(args, workload: Workload, max_num_seqs: int | None = None) -> dict:
     """``LLM.generate`` on the same prompts with the same engine options (``max_num_seqs``
     replaced when given); only generate is timed."""
-    from spmd import LLM, SamplingParams
+    from spmd import LLM, LoRARequest, SamplingParams
 
     kwargs = dict(args.engine_kwargs)
     if max_num_seqs is not None:
@@ -799,8 +831,15 @@ def run_offline(args, workload: Workload, max_num_seqs: int | None = None) -> di
                   for k in workload.output_lens]
         llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=2),
                      use_tqdm=False)  # warm-up, as the HTTP run has
+        loras = None
+        if args.lora_names:
+            paths = dict(item.split("=", 1) for item in args.serve_args["lora_modules"].split(","))
+            adapters = [LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(args.lora_names)]
+            for lora in adapters:  # loaded before the clock starts, as the server's are
+                llm.engine.add_lora(lora)
+            loras = [adapters[i % len(adapters)] for i in range(len(prompts))]
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
+        outputs = llm.generate(prompts, params, lora_request=loras)
         elapsed = time.perf_counter() - start
     finally:
         llm.shutdown()

@@ -190,6 +190,14 @@ def test_dense_traces_with_static_shapes():
     torch.testing.assert_close(compiled(x, out, slots), layer(x, out, slots))
 
 
+def test_kernel_bench_runs_on_cpu(capsys):
+    from bench import check_lora_kernels
+
+    assert check_lora_kernels.main(["--device", "cpu", "--small", "--tokens", "0,5",
+                                    "--layers", "qkv,down", "--reps", "1"]) == 0
+    assert '"results"' in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- Triton kernels
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -30,6 +30,7 @@ from workers import lora_ops
 
 # Enough programs to fill an H200's 132 SMs about twice: the split-K target of the shrink.
 TARGET_PROGRAMS = 264
+MIN_PROGRAMS = 132
 MAX_SLICES = 4
 
 
@@ -62,9 +63,13 @@ def shrink_config(num_tokens: int, rank_width: int, hidden: int, dtype: torch.dt
 
 
 def expand_config(num_tokens: int, width: int, rank: int, dtype: torch.dtype) -> ExpandConfig:
-    """Tiles for ``lora_expand``: small token blocks for decode, wider ones for prefill."""
+    """Tiles for ``lora_expand``: small token blocks for decode, wider ones for prefill; the
+    widest column tile that still gives one program per SM (132 on an H200)."""
     block_m = 16 if num_tokens <= 256 else 32 if num_tokens <= 1024 else 64
-    block_n = 64 if dtype == torch.float32 else 128
+    token_blocks = triton.cdiv(max(num_tokens, 1), block_m)
+    widest = 64 if dtype == torch.float32 else 128
+    block_n = next((n for n in (128, 64) if n <= widest
+                    and token_blocks * triton.cdiv(width, n) >= MIN_PROGRAMS), 32)
     return ExpandConfig(block_m, block_n)
 
 

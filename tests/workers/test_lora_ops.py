@@ -300,9 +300,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                    "BLOCK_K": 128 if dtype == "bf16" else 64, "K_PER_SPLIT": 256,
                    "DOT_PRECISION": precision}, out_dtype)
         build(T._lora_shrink_reduce_kernel, dtype, {"NUM_SPLITS": 8, "BLOCK_T": 32, "BLOCK_R": 64})
-        build(T._lora_expand_kernel, dtype,
-              {"NUM_SLOTS": 4, "SLOTS_PAD": 4, "NUM_SLICES": 3, "BLOCK_M": 16, "BLOCK_N": 128,
-               "BLOCK_R": 16, "DOT_PRECISION": precision})
+        for block_m, block_n in ((16, 32), (16, 128), (64, 128)):
+            build(T._lora_expand_kernel, dtype,
+                  {"NUM_SLOTS": 4, "SLOTS_PAD": 4, "NUM_SLICES": 3, "BLOCK_M": block_m,
+                   "BLOCK_N": block_n, "BLOCK_R": 16, "DOT_PRECISION": precision})
 """)
 
 

@@ -143,6 +143,12 @@ class GPUMixin:
 
     def initialize_cache(self, num_blocks: int) -> int:
         super().initialize_cache(num_blocks)
+        if self.lora is not None:
+            import workers.triton_lora as triton_lora
+
+            n = triton_lora.warm_up([layer.lora for layer in self.lora.layers.values()],
+                                    self.config.max_num_batched_tokens)
+            logger.info("rank %d: compiled %d LoRA kernel variants", self.tp_rank, n)
         self._capture_graphs()
         return num_blocks
 

@@ -59,6 +59,9 @@ def shrink_config(num_tokens: int, rank_width: int, hidden: int, dtype: torch.dt
     block_k = 64 if dtype == torch.float32 else 128
     programs = triton.cdiv(max(num_tokens, 1), block_m) * triton.cdiv(rank_width, block_r)
     split_k = max(1, min(TARGET_PROGRAMS // programs, triton.cdiv(hidden, 2 * block_k)))
+    # A power of two: the split is a constexpr, and a few variants are all that ``warm_up``
+    # compiles before serving (a new one mid-run costs a compilation inside a step).
+    split_k = 1 << (split_k.bit_length() - 1)
     return ShrinkConfig(block_m, block_r, block_k, split_k)
 
 
@@ -141,7 +144,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "partial_split_stride"])  # vary with the step
 def _lora_shrink_reduce_kernel(partial_ptr, token_slots_ptr, y_ptr, num_tokens, rank_width,
                                partial_split_stride, y_row_stride, NUM_SPLITS: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -285,6 +288,39 @@ def lora_expand(out: Tensor, y: Tensor, lora_b: Tensor, token_slots: Tensor, sor
         NUM_SLICES=num_slices, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), DOT_PRECISION=_dot_precision(y.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@torch.inference_mode()
+def warm_up(stacks, max_tokens: int) -> int:
+    """Compiles, before serving, every kernel variant that ``stacks`` (LoRAStack modules)
+    can launch for a mixed batch of 1..``max_tokens`` tokens, so that no step compiles;
+    returns how many variants were run."""
+    geometries = {}
+    for stack in stacks:  # every decoder layer has the same few
+        a, b = stack.lora_a, stack.lora_b
+        geometries.setdefault((*a.shape, *b.shape[1:], tuple(stack.slice_offsets), a.dtype), stack)
+    seen = set()
+    for geometry, stack in geometries.items():
+        a, b = stack.lora_a, stack.lora_b
+        num_slots, rank_width, hidden = a.shape
+        rank, width = b.shape[1:]
+        dev = a.device
+        for num_tokens in range(1, max_tokens + 1):
+            key = (geometry, shrink_config(num_tokens, rank_width, hidden, a.dtype),
+                   expand_config(num_tokens, width, rank, a.dtype))
+            if key in seen:
+                continue
+            seen.add(key)
+            slots = (torch.arange(num_tokens, dtype=torch.int32) % min(2, num_slots)).numpy()
+            sorted_idx, seg_starts = lora_ops.lora_metadata(slots, num_slots)
+            slots, sorted_idx, seg_starts = (torch.from_numpy(v).to(dev)
+                                             for v in (slots, sorted_idx, seg_starts))
+            x = torch.zeros(num_tokens, hidden, dtype=a.dtype, device=dev)
+            out = torch.zeros(num_tokens, width, dtype=a.dtype, device=dev)
+            y = lora_shrink(x, a, slots, sorted_idx, seg_starts, -1)
+            lora_expand(out, y, b, slots, sorted_idx, seg_starts, -1, stack.slice_offsets)
+    torch.cuda.synchronize()
+    return len(seen)
 
 
 # The custom ops themselves (spmd::lora_shrink, spmd::lora_expand) are defined in lora_ops.

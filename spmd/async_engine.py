@@ -212,9 +212,10 @@ class AsyncEngine:
             with self._lora_lock:
                 self._loras_adding.discard(lora.lora_name)
 
-    async def remove_lora(self, lora: str | int) -> None:
-        """Unregisters the adapter of that name (or id): ``LoRANotFoundError`` if none
-        is loaded, ``LoRAInUseError`` while unfinished requests use it."""
+    async def remove_lora(self, lora: str | int) -> LoRARequest:
+        """Unregisters the adapter of that name (or id) and returns it:
+        ``LoRANotFoundError`` if none is loaded, ``LoRAInUseError`` while unfinished
+        requests use it."""
         found = next((x for x in self.list_loras() if lora in (x.lora_name, x.lora_int_id)), None)
         if found is None:
             raise LoRANotFoundError(f"no LoRA adapter {lora!r} is loaded")
@@ -223,6 +224,7 @@ class AsyncEngine:
         with self._lora_lock:
             if self._loras.get(found.lora_name) == found:
                 del self._loras[found.lora_name]
+        return found
 
     async def _call_core(self, method: str, *args):
         try:

@@ -24,6 +24,7 @@ from serialization.core_messages import (
 from serialization.messages import (
     BlockUpdate,
     ExecuteModelRequest,
+    LoRASlot,
     MessageError,
     NewRequest,
     RankCall,
@@ -47,7 +48,7 @@ __all__ = [
     "Heartbeat", "RequestError", "SeqDelta", "Shutdown", "StepOutputs", "StopSequences",
     "TokenLogprobs", "UtilityCall", "UtilityResult", "decode_core_input", "decode_core_output",
     "encode_core",
-    "BlockUpdate", "ExecuteModelRequest", "MessageError", "NewRequest", "RankCall", "RankReply",
+    "BlockUpdate", "ExecuteModelRequest", "LoRASlot", "MessageError", "NewRequest", "RankCall", "RankReply",
     "ResumedRequest", "SamplerOutput", "SamplingOptions", "decode_output", "decode_rank_input", "decode_reply",
     "encode", "pack_f32", "pack_i32", "unpack_f32", "unpack_i32",
 ]

@@ -32,3 +32,5 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     num_threads: int = 0  # torch intra-op threads per rank; 0: leave as is
     enforce_eager: bool = False  # GPU: no CUDA graphs
     cuda_graph_max_batch_size: int = 512  # GPU: largest decode batch captured in a graph
+    max_loras: int = 0  # LoRA device slots; 0: LoRA off
+    max_lora_rank: int = 16

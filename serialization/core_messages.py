@@ -29,6 +29,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, 
     min_tokens: int = 0
     stop_token_ids: list[int] = []  # EOS included unless ignore_eos
     arrival_time: float = 0.0
+    lora_id: int = 0  # a registered adapter's lora_int_id; 0: the base model
 
 
 class AbortRequests(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="abort"):

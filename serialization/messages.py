@@ -61,7 +61,7 @@ class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     sampling: SamplingOptions
     block_ids: bytes  # int32, the request's whole block table so far
     num_computed_tokens: int = 0  # > 0 on a prefix-cache hit
-    lora_id: int = 0
+    lora_id: int = 0  # its adapter (0: the base model); ranks find its slot themselves
 
 
 class BlockUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -78,6 +78,14 @@ class ResumedRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     seq_id: int
     block_ids: bytes  # int32, the whole new table
     num_computed_tokens: int = 0
+
+
+class LoRASlot(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """Device slot ``slot`` takes adapter ``lora_id`` (already loaded by ``load_lora``)
+    before this step runs."""
+
+    slot: int
+    lora_id: int
 
 
 class ExecuteModelRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="step"):
@@ -101,6 +109,7 @@ class ExecuteModelRequest(msgspec.Struct, frozen=True, array_like=True, gc=False
     finished_ids: bytes = b""  # int32
     preempted_ids: bytes = b""  # int32
     shape_index: int = -1
+    lora_slots: list[LoRASlot] = []  # only in steps that change which adapter a slot holds
 
 
 class SamplerOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):

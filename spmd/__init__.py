@@ -4,9 +4,9 @@ from spmd.async_engine import AsyncEngine
 from spmd.config import EngineConfig
 from spmd.engine import RequestFailedError
 from spmd.llm import LLM
+from spmd.lora import LoRARequest
 from spmd.outputs import CompletionOutput, Logprob, RequestOutput
 from spmd.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "RequestFailedError",
-           "RequestOutput",
-           "SamplingParams"]
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "LoRARequest",
+           "RequestFailedError", "RequestOutput", "SamplingParams"]

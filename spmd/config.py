@@ -87,6 +87,21 @@ class LimitsConfig:
     max_stop_token_ids: int = 256
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's names): ``max_loras`` adapters run in one batch (device
+    slots); ranks keep ``max_cpu_loras`` loaded in CPU memory (None: ``max_loras``)."""
+
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    @property
+    def num_cpu_loras(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEVICES = ("auto", "cpu", "cuda", "spyre", "tpu", "tpu-emulated")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "sendnn")  # sendnn: IBM Spyre's own
@@ -154,6 +169,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         _check(self.parallel.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
@@ -190,7 +206,19 @@ class EngineConfig:
                      "max_stop_token_ids"):
             _check(getattr(self.limits, name) >= 0 and (name != "max_n" or self.limits.max_n >= 1),
                    name, "must be >= 1" if name == "max_n" else "must be >= 0")
+        self._check_lora()
         self._check_static_shapes()
+
+    def _check_lora(self) -> None:
+        lora = self.lora
+        _check(type(lora.max_loras) is int and lora.max_loras >= 1, "max_loras", "must be an int >= 1")
+        _check(type(lora.max_lora_rank) is int and 1 <= lora.max_lora_rank <= 512,
+               "max_lora_rank", "must be an int in 1..512")
+        _check(lora.max_cpu_loras is None or (type(lora.max_cpu_loras) is int
+                                              and lora.max_cpu_loras >= lora.max_loras),
+               "max_cpu_loras", f"must be an int >= max_loras={lora.max_loras}")
+        _check(not lora.enable_lora or self.device.device != "spyre", "enable_lora",
+               "device='spyre' (static batching) does not serve LoRA adapters")
 
     def _check_static_shapes(self) -> None:
         dev = self.device
@@ -256,11 +284,14 @@ class EngineConfig:
             dist_timeout_s=self.parallel.step_timeout_s,
             enforce_eager=self.model.enforce_eager,
             cuda_graph_max_batch_size=self.scheduler.cuda_graph_max_batch_size,
+            max_loras=self.lora.max_loras if self.lora.enable_lora else 0,
+            max_lora_rank=self.lora.max_lora_rank,
         )
 
 
 _PARTS = {"model": ModelConfig, "parallel": ParallelConfig, "cache": CacheConfig,
-          "scheduler": SchedulerConfig, "device": DeviceConfig, "limits": LimitsConfig}
+          "scheduler": SchedulerConfig, "device": DeviceConfig, "limits": LimitsConfig,
+          "lora": LoRAConfig}
 
 
 def _check(ok: bool, name: str, limit: str) -> None:

@@ -10,6 +10,7 @@ import time
 from spmd.config import EngineConfig
 from spmd.engine_core import EngineCore
 from spmd.input_processor import InputProcessor
+from spmd.lora import LoRARequest
 from spmd.output_processor import OutputProcessor
 from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
@@ -46,16 +47,32 @@ class Engine:
     stats_total = property(lambda self: self.core.stats_total)
 
     def add_request(self, request_id: str, prompt: str | dict | list[int],
-                    params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
-        """Validates and queues a request (``ValueError`` for bad input; nothing is queued then)."""
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Validates and queues a request (``ValueError`` for bad input; nothing is queued
+        then). A ``lora_request`` not seen before is registered first, as vLLM does."""
         params = params or SamplingParams()
-        text, prompt_ids, request = self.inputs.process(request_id, prompt, params, arrival_time)
+        text, prompt_ids, request = self.inputs.process(request_id, prompt, params, arrival_time,
+                                                        lora_request)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
         try:
             self.core.add_request(request)
         except BaseException:
             self.outputs.abort(request_id)
             raise
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Registers an adapter (checked against the model first); False if known."""
+        r = lora_request
+        return self.core.add_lora(r.lora_name, r.lora_int_id, r.lora_path)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.core.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [LoRARequest(*entry) for entry in self.core.list_loras()]
 
     def abort_request(self, request_id: str) -> None:
         self.outputs.abort(request_id)

@@ -32,6 +32,7 @@ from serialization import (
 )
 from spmd.config import EngineConfig
 from spmd.input_processor import ModelInfo
+from spmd.lora import LoRAInUseError, LoRARegistry
 from spmd.request import Request, RequestStatus
 from spmd.scheduler import Scheduler
 from spmd.static_scheduler import StaticBatchScheduler
@@ -74,7 +75,14 @@ class EngineCore:
                 max_num_seqs=config.scheduler.max_num_seqs,
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
-                enable_prefix_caching=config.cache.enable_prefix_caching)
+                enable_prefix_caching=config.cache.enable_prefix_caching,
+                max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
+        self.loras: LoRARegistry | None = None
+        if config.lora.enable_lora:
+            self.loras = LoRARegistry(
+                max_loras=config.lora.max_loras, max_lora_rank=config.lora.max_lora_rank,
+                max_cpu_loras=config.lora.num_cpu_loras, hf_config=self.hf_config,
+                call_all=self.call_all)
         self._rng = random.Random(config.model.seed)
         self._requests: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._owner: dict[int, tuple[str, int]] = {}  # seq id -> (request id, index)
@@ -92,13 +100,22 @@ class EngineCore:
         """Queues the request's sequences (``ValueError`` if the scheduler cannot take it)."""
         if req.request_id in self._requests:
             raise ValueError(f"request_id: {req.request_id!r} is already running")
+        lora_key = 0
+        if req.lora_id:
+            if self.loras is None:
+                raise ValueError("lora_request: LoRA is not enabled (start the engine with "
+                                 "enable_lora=True)")
+            if req.lora_id not in self.loras:
+                raise ValueError(f"lora_request: adapter {req.lora_id} is not loaded")
+            lora_key = self.loras.prefix_key(req.lora_id)
         children = []
         for i in range(req.n):
             seed = req.seed + i if req.seed is not None else self._rng.getrandbits(63)
             children.append(Request(
                 req.request_id if req.n == 1 else f"{req.request_id}#{i}", self._new_seq_id(),
                 req.prompt_token_ids, req.max_tokens, req.stop_token_ids, req.min_tokens,
-                sampling=_with_seed(req.sampling, seed), arrival_time=req.arrival_time))
+                sampling=_with_seed(req.sampling, seed), arrival_time=req.arrival_time,
+                lora_id=req.lora_id, lora_key=lora_key))
         self._requests[req.request_id] = children
         for i, child in enumerate(children):
             self._owner[child.seq_id] = (req.request_id, i)
@@ -126,6 +143,32 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    # ---- LoRA adapters (between steps) -------------------------------------------------
+
+    def add_lora(self, name: str, lora_id: int, path: str) -> bool:
+        """Registers an adapter after checking it against the model (``ValueError``
+        naming the module, the limit or the file; no rank changes then). False if it
+        was registered already, identically."""
+        if self.loras is None:
+            raise ValueError("enable_lora: LoRA is not enabled (start the engine with "
+                             "enable_lora=True)")
+        return self.loras.add(name, lora_id, path)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unloads an adapter from every rank; False if unknown. ``LoRAInUseError`` while
+        unfinished requests use it."""
+        if self.loras is None or lora_id not in self.loras:
+            return False
+        users = sum(1 for r in self.scheduler.requests.values() if r.lora_id == lora_id)
+        if users:
+            raise LoRAInUseError(f"lora adapter {self.loras.adapters[lora_id].name!r} is in use "
+                                 f"by {users} unfinished request(s); retry when they finish")
+        return self.loras.remove(lora_id)
+
+    def list_loras(self) -> list[list]:
+        """``[[name, lora_int_id, path], ...]`` of the registered adapters."""
+        return self.loras.list() if self.loras is not None else []
+
     def has_work(self) -> bool:
         """Requests to run, or finished ones whose ranks still hold them."""
         return self.scheduler.has_unfinished_requests() or self.scheduler.has_pending_frees()
@@ -143,9 +186,15 @@ class EngineCore:
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
             return None
         try:
-            data = encode(to_message(sched))
+            lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running) \
+                if self.loras is not None else []
+        except Exception as e:  # an adapter's files changed since add_lora checked them
+            return self._fail_step(sched, f"an adapter could not be loaded: {type(e).__name__}: {e}")
+        try:
+            data = encode(to_message(sched, lora_slots))
         except Exception as e:  # a value the wire format cannot carry (validation missed it)
-            return self._fail_step(sched, f"the step could not be encoded: {type(e).__name__}: {e}")
+            return self._fail_step(sched, f"the step could not be encoded: {type(e).__name__}: {e}",
+                                   lora_slots)
         t_send = time.perf_counter()
         expected_s = self._expected_step_s(sched.total_num_scheduled_tokens)
         try:
@@ -154,7 +203,7 @@ class EngineCore:
             if e.fatal:  # a dead or hung rank, or a broken transport: the engine stops
                 self._fatal = str(e).splitlines()[0]
                 raise
-            return self._fail_step(sched, str(e))
+            return self._fail_step(sched, str(e), lora_slots)
         t_back = time.perf_counter()
         self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
@@ -173,10 +222,12 @@ class EngineCore:
             rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
         return StepOutputs(step_id=sched.step_id, outputs=deltas, timestamp=time.time())
 
-    def _fail_step(self, sched, detail: str) -> StepOutputs:
+    def _fail_step(self, sched, detail: str, lora_slots=()) -> StepOutputs:
         """A step that raised on the ranks (or could not be sent) fails the requests it
         ran, and only those: every rank forgets that step's sequences, the scheduler
         frees their blocks, each gets a ``RequestError``, and the engine goes on."""
+        if self.loras is not None:
+            self.loras.forget_fills(lora_slots)  # the ranks may not have made them
         failed = self.scheduler.fail_step(sched)
         parents = list(dict.fromkeys(self._owner[r.seq_id][0] for r in failed
                                      if r.seq_id in self._owner))

@@ -36,6 +36,7 @@ class InputProcessor:
         self.limits = config.limits
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.clamp_max_tokens = clamp_max_tokens
+        self.enable_lora = config.lora.enable_lora
         self.tokenizer = None
         if not config.model.skip_tokenizer_init:
             from spmd.tokenizer import load_tokenizer
@@ -48,10 +49,15 @@ class InputProcessor:
         return self.info.max_model_len
 
     def process(self, request_id: str, prompt, params: SamplingParams,
-                arrival_time: float | None = None) -> tuple[str | None, list[int], EngineCoreRequest]:
+                arrival_time: float | None = None, lora_request=None,
+                ) -> tuple[str | None, list[int], EngineCoreRequest]:
         """``(prompt text or None, prompt token ids, the core's request)``; ``ValueError``
-        naming the field and the limit for bad input."""
+        naming the field and the limit for bad input. ``lora_request``: a ``LoRARequest``
+        the request runs with (registered with the core beforehand)."""
         self._check_limits(params)
+        if lora_request is not None and not self.enable_lora:
+            raise ValueError("lora_request: LoRA is not enabled (start the engine with "
+                             "enable_lora=True)")
         text, prompt_ids = self._tokenize(prompt)
         max_len = self.info.max_model_len
         if not prompt_ids:
@@ -79,7 +85,8 @@ class InputProcessor:
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_options(params),
             n=params.n, seed=params.seed, max_tokens=max_tokens,
             min_tokens=min(params.min_tokens, max_tokens), stop_token_ids=sorted(stop_ids),
-            arrival_time=time.time() if arrival_time is None else arrival_time)
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            lora_id=0 if lora_request is None else lora_request.lora_int_id)
         return text, prompt_ids, request
 
     def _check_limits(self, params: SamplingParams) -> None:

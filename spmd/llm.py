@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from spmd.config import DEFAULT_MODEL, EngineConfig
 from spmd.engine import Engine
+from spmd.lora import LoRARequest
 from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
 
@@ -47,19 +48,25 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in input order.
-        A prompt is a string, a list of token ids or ``{"prompt_token_ids": [...]}``."""
+        A prompt is a string, a list of token ids or ``{"prompt_token_ids": [...]}``.
+        ``lora_request``: one adapter for every prompt, or one (or None) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request: {len(loras)} given for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p, lora_request=lora)
                 ids.append(request_id)
         except BaseException:
             for request_id in ids:
@@ -70,7 +77,9 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+             ) -> list[RequestOutput]:
         """Generates the assistant's reply to one conversation (a list of ``{"role",
         "content"}`` dicts) or to each of a list of them, rendered with the tokenizer's
         chat template (or ``chat_template``) as vLLM's ``LLM.chat`` does."""
@@ -79,7 +88,7 @@ class LLM:
             raise ValueError("messages: must hold at least one conversation")
         prompts = [self._render_chat(c, chat_template, chat_template_kwargs or {})
                    for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _render_chat(self, conversation: list[dict], chat_template: str | None,
                      kwargs: dict) -> dict:

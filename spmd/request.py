@@ -40,7 +40,8 @@ class Request:
         "request_id", "seq_id", "prompt_token_ids", "output_token_ids", "max_tokens",
         "stop_token_ids", "min_tokens", "sampling", "arrival_time", "status",
         "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks",
-        "num_cached_tokens", "num_preemptions", "_all_token_ids", "arrival_step",
+        "num_cached_tokens", "num_preemptions", "_all_token_ids", "arrival_step", "lora_id",
+        "lora_key",
     )
 
     def __init__(
@@ -53,6 +54,8 @@ class Request:
         min_tokens: int = 0,
         sampling: Any = None,
         arrival_time: float | None = None,
+        lora_id: int = 0,
+        lora_key: int = 0,
     ) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
@@ -72,6 +75,8 @@ class Request:
         self.num_preemptions = 0
         self.arrival_step = 0  # the engine's step count when it took the request
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
+        self.lora_id = lora_id  # its adapter; 0: the base model
+        self.lora_key = lora_key  # seeds its prefix-cache hashes, so adapters never share KV
 
     @property
     def num_tokens(self) -> int:

@@ -5,7 +5,9 @@ Each step gives every running request, in order, the tokens it still needs
 (a decode needs 1, an unfinished prefill the rest of its prompt) within the token
 budget, then admits waiting requests first-come first-served, chunking a prompt
 that does not fit. A running request that cannot get a KV block preempts the most
-recently admitted one; a waiting request that cannot get its blocks waits.
+recently admitted one; a waiting request that cannot get its blocks waits. With LoRA,
+at most ``max_loras`` distinct adapters run at once: a waiting request whose adapter
+would be one too many is passed over (it keeps its place) until a slot frees up.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class Scheduler(RequestQueues):
         max_model_len: int,
         enable_prefix_caching: bool = True,
         long_prefill_token_threshold: int = 0,
+        max_loras: int = 0,
     ) -> None:
         if num_blocks * block_size < max_model_len:
             raise ValueError(f"num_blocks * block_size = {num_blocks * block_size} KV slots cannot "
@@ -141,6 +144,7 @@ class Scheduler(RequestQueues):
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.max_loras = max_loras
         self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}  # unfinished requests by request_id
         self.waiting: deque[Request] = deque()
@@ -204,9 +208,15 @@ class Scheduler(RequestQueues):
             i += 1
 
         # Requests just preempted would not fit; admit nobody this step.
+        active_loras = {r.lora_id for r in self.running if r.lora_id}
+        passed_over: list[Request] = []  # adapters beyond max_loras: they keep their place
         while (not preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
+            if (req.lora_id and req.lora_id not in active_loras
+                    and len(active_loras) >= self.max_loras):
+                passed_over.append(self.waiting.popleft())
+                continue
             num_new = self._admit(req, budget)
             if num_new == 0:
                 break
@@ -218,9 +228,12 @@ class Scheduler(RequestQueues):
                 resumed.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.lora_id:
+                active_loras.add(req.lora_id)
             scheduled.append(req)
             num_scheduled.append(num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(passed_over))
 
         finished_ids, self._finished_ids = self._finished_ids, []
         self._step_id += 1
@@ -330,7 +343,7 @@ class Scheduler(RequestQueues):
             return
         hashes, size, tokens = req.block_hashes, self.block_size, req.all_token_ids
         for i in range(len(hashes), req.num_tokens // size):
-            parent = hashes[-1] if hashes else NO_PARENT_HASH
+            parent = hashes[-1] if hashes else (req.lora_key if req.lora_id else NO_PARENT_HASH)
             hashes.append(hash_block_tokens(parent, tokens[i * size:(i + 1) * size]))
 
     def _cache_full_blocks(self, req: Request) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from serialization import BlockUpdate, ExecuteModelRequest, NewRequest, ResumedRequest, pack_i32
+from serialization import (BlockUpdate, ExecuteModelRequest, LoRASlot, NewRequest, ResumedRequest,
+                           pack_i32)
 from spmd.scheduler import SchedulerOutput
 
 
-def to_message(out: SchedulerOutput) -> ExecuteModelRequest:
+def to_message(out: SchedulerOutput, lora_slots: list[tuple[int, int]] = ()) -> ExecuteModelRequest:
     scheduled = np.array(out.scheduled, dtype=np.int32).reshape(-1, 2)
     return ExecuteModelRequest(
         step_id=out.step_id,
@@ -17,7 +18,7 @@ def to_message(out: SchedulerOutput) -> ExecuteModelRequest:
         new_requests=[
             NewRequest(seq_id=r.seq_id, prompt_token_ids=pack_i32(r.prompt_token_ids),
                        sampling=r.sampling, block_ids=pack_i32(r.block_ids),
-                       num_computed_tokens=r.num_computed_tokens)
+                       num_computed_tokens=r.num_computed_tokens, lora_id=r.lora_id)
             for r in out.new_requests],
         block_updates=[BlockUpdate(seq_id, pack_i32(ids)) for seq_id, ids in out.block_updates],
         resumed=[ResumedRequest(r.seq_id, pack_i32(r.block_ids), r.num_computed_tokens)
@@ -25,4 +26,5 @@ def to_message(out: SchedulerOutput) -> ExecuteModelRequest:
         finished_ids=pack_i32(out.finished_ids),
         preempted_ids=pack_i32(out.preempted_ids),
         shape_index=out.shape_index,
+        lora_slots=[LoRASlot(slot, lora_id) for slot, lora_id in lora_slots],
     )

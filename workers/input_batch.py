@@ -37,6 +37,7 @@ class StepInputs:
     block_tables: np.ndarray  # [S, max_blocks]
     sample_idx: np.ndarray  # [S'] indices (into S) of requests that sample this step
     logits_indices: np.ndarray  # [S'] token index whose hidden state is sampled
+    lora_ids: np.ndarray  # [S] each request's adapter (0: the base model)
 
 
 class InputBatch:
@@ -52,6 +53,7 @@ class InputBatch:
         self.num_computed = np.zeros(initial_rows, dtype=np.int32)
         self.block_table = np.zeros((initial_rows, self.max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(initial_rows, dtype=np.int32)
+        self.lora_id = np.zeros(initial_rows, dtype=np.int32)
         self.states: dict[int, RowState] = {}
         self.row_states: list[RowState | None] = [None] * initial_rows
         self._free_rows = list(range(initial_rows - 1, -1, -1))
@@ -108,6 +110,7 @@ class InputBatch:
             self.num_tokens[row] = len(prompt)
             self.num_computed[row] = req.num_computed_tokens
             self._set_blocks(row, req.block_ids)
+            self.lora_id[row] = req.lora_id
             gen = None
             if req.sampling.temperature >= 1e-5:
                 gen = torch.Generator().manual_seed(req.sampling.seed)
@@ -151,7 +154,7 @@ class InputBatch:
             old = len(self.num_tokens)
             self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
             self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
-            for name in ("num_tokens", "num_computed", "num_blocks"):
+            for name in ("num_tokens", "num_computed", "num_blocks", "lora_id"):
                 arr = getattr(self, name)
                 setattr(self, name, np.concatenate([arr, np.zeros_like(arr)]))
             self.row_states += [None] * old
@@ -191,6 +194,7 @@ class InputBatch:
             block_tables=self.block_table[rows, :max_blocks],
             sample_idx=np.flatnonzero(samples),
             logits_indices=cu[1:][samples] - 1,
+            lora_ids=self.lora_id[rows],
         )
 
     def commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:

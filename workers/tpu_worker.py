@@ -8,6 +8,9 @@ of two (at least ``_MIN_SEQS``), each capped by its configured maximum
 ``max_model_len``. Every bucket pair is compiled at start-up.
 ``device="tpu-emulated"`` runs this same mixin on the CPU, with
 ``torch.compile(dynamic=False)`` (``compile_backend``) standing in for XLA.
+With LoRA on, every bucket is compiled with the adapters in it: each token's slot is
+one more fixed-shape input (-1: base), the slots' weights are buffers updated in place,
+and the LoRA ops take the dense form, so no mix of adapters ever compiles anything.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from workers.attention import AttentionMetadata
 from workers.compilation import CountingBackend, allow_recompiles
 from workers.cpu_worker import CPUMixin
 from workers.input_batch import StepInputs
+from workers.layers.lora import LoRAMapping
 from workers.sampler import SampleResult
 from workers.worker import Worker
 
@@ -41,12 +45,14 @@ def buckets(minimum: int, maximum: int) -> list[int]:
 
 
 def _padded_forward(model, input_ids, positions, query_start_loc, seq_lens, block_tables,
-                    slot_mapping, logits_indices, kv_caches, max_seq_len: int):
-    """One padded step: ``[T_pad]`` tokens of ``S_pad`` requests → logits ``[S_pad, vocab]``."""
+                    slot_mapping, logits_indices, kv_caches, max_seq_len: int, token_slots=None):
+    """One padded step: ``[T_pad]`` tokens of ``S_pad`` requests → logits ``[S_pad, vocab]``;
+    ``token_slots [T_pad]``: each token's LoRA slot (-1: base), when LoRA is on."""
     meta = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens,
                              block_tables=block_tables, slot_mapping=slot_mapping,
                              max_query_len=input_ids.shape[0], max_seq_len=max_seq_len)
-    hidden = model(input_ids, positions, meta, kv_caches)
+    lora = None if token_slots is None else LoRAMapping(token_slots, dense=True)
+    hidden = model(input_ids, positions, meta, kv_caches, lora)
     return model.compute_logits(hidden[logits_indices])
 
 
@@ -93,7 +99,7 @@ class TPUMixin(CPUMixin):
         num_tokens, num_seqs = list(itertools.product(self.token_buckets, self.seq_buckets))[index]
         none = np.zeros(0, np.int64)
         self._run(none, none, np.zeros(1, np.int32), none, np.zeros((0, 1), np.int32), none, none,
-                  num_tokens, num_seqs)
+                  num_tokens, num_seqs, np.zeros(0, np.int32))
         return f"num_tokens={num_tokens},num_seqs={num_seqs}"
 
     def num_compiled_graphs(self) -> int:
@@ -106,9 +112,11 @@ class TPUMixin(CPUMixin):
         num_tokens, num_seqs = len(inputs.input_ids), len(inputs.rows)
         token_bucket = next(b for b in self.token_buckets if b >= num_tokens)
         seq_bucket = next(b for b in self.seq_buckets if b >= num_seqs)
+        token_slots = self._token_slots(inputs)
         logits = self._run(inputs.input_ids, inputs.positions, inputs.query_start_loc,
                            inputs.seq_lens, inputs.block_tables, inputs.slot_mapping,
-                           inputs.logits_indices, token_bucket, seq_bucket)
+                           inputs.logits_indices, token_bucket, seq_bucket,
+                           np.zeros(0, np.int32) if token_slots is None else token_slots)
         if len(inputs.logits_indices) == 0:
             return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
         logits = logits[: len(inputs.logits_indices)].float().cpu()
@@ -116,9 +124,11 @@ class TPUMixin(CPUMixin):
 
     @torch.inference_mode()
     def _run(self, input_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,
-             logits_indices, token_bucket: int, seq_bucket: int) -> torch.Tensor:
+             logits_indices, token_bucket: int, seq_bucket: int,
+             token_slots: np.ndarray) -> torch.Tensor:
         """Pads one step to (token_bucket, seq_bucket) and runs its compiled graph.
-        Padding tokens write no KV (slot -1); padding requests have no queries."""
+        Padding tokens write no KV (slot -1); padding requests have no queries; tokens
+        past ``token_slots`` use no adapter."""
         num_tokens, num_seqs = len(input_ids), len(seq_lens)
         ids = np.zeros(token_bucket, np.int64)
         ids[:num_tokens] = input_ids
@@ -135,10 +145,15 @@ class TPUMixin(CPUMixin):
         sample = np.zeros(seq_bucket, np.int64)
         sample[: len(logits_indices)] = logits_indices
         dev = self.device
+        lora_slots = None
+        if self.lora is not None:
+            padded = np.full(token_bucket, -1, np.int32)
+            padded[:len(token_slots)] = token_slots
+            lora_slots = torch.from_numpy(padded).to(dev)
         return self._forward(
             self.model, *(torch.from_numpy(a).to(dev) for a in (ids, pos, qsl, lens, tables,
                                                                   slots, sample)),
-            self.kv_caches, self.config.max_model_len)
+            self.kv_caches, self.config.max_model_len, lora_slots)
 
 
 class TPUWorker(TPUMixin, Worker):

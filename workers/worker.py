@@ -29,6 +29,8 @@ from serialization import (
 )
 from workers.attention import AttentionMetadata
 from workers.input_batch import InputBatch, StepInputs
+from workers.layers.lora import LoRAMapping
+from workers.lora import RankLoRA
 from workers.model_loader import load_model
 from workers.sampler import Sampler, SampleResult, SamplingRow
 
@@ -52,6 +54,11 @@ class Worker:
         self.init_device()
         self.model = load_model(config.model, config.load_format, self.dtype, tp_rank,
                                 config.tp_size, seed=config.seed, device=self.device)
+        self.lora = None  # adapters and device slots, when the engine serves LoRA
+        if config.max_loras:
+            self.lora = RankLoRA(self.model, self.model.config, max_loras=config.max_loras,
+                                 max_rank=config.max_lora_rank, dtype=self.dtype,
+                                 device=self.device)
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
@@ -183,6 +190,23 @@ class Worker:
                 self.batch.preempt(seq_id)
         return dropped
 
+    def load_lora(self, lora_id: int, path: str) -> int:
+        """Reads this rank's shards of an adapter into CPU memory (the engine has checked
+        it); returns its rank."""
+        return self._require_lora().load(lora_id, path)
+
+    def unload_lora(self, lora_id: int) -> bool:
+        return self._require_lora().unload(lora_id)
+
+    def lora_slots(self) -> dict:
+        """Adapter id -> device slot, for tests that check every rank agrees."""
+        return dict(self.lora.slot_of) if self.lora is not None else {}
+
+    def _require_lora(self) -> RankLoRA:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled on this rank (max_loras=0)")
+        return self.lora
+
     def fail_next_step(self, message: str) -> bool:
         """Test hook: the next step raises ``message`` on this rank, after applying its
         delta (a failure attributable to that step's requests)."""
@@ -204,6 +228,8 @@ class Worker:
     def _step(self, msg: ExecuteModelRequest) -> SamplerOutput:
         t0 = time.perf_counter()
         self.batch.validate(msg)
+        for fill in msg.lora_slots:
+            self._require_lora().fill_slot(fill.slot, fill.lora_id)
         self.batch.apply(msg)
         if self._fault is not None and msg.scheduled_seq_ids:
             (kind, arg), self._fault = self._fault, None
@@ -233,7 +259,7 @@ class Worker:
         """Runs the model over the step; float32 logits ``[S', V]`` of the sampled tokens
         (on the device). Device mixins may replace this (e.g. with a CUDA-graph replay)."""
         meta, input_ids, positions = self._prepare_tensors(inputs)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches, self._lora_mapping(inputs))
         if len(inputs.logits_indices) == 0:
             return hidden[:0]
         return self.model.compute_logits(
@@ -252,6 +278,16 @@ class Worker:
         )
         return (meta, torch.from_numpy(inputs.input_ids).to(dev),
                 torch.from_numpy(inputs.positions).to(dev))
+
+    def _token_slots(self, inputs: StepInputs) -> np.ndarray | None:
+        """Each token's LoRA slot (-1: base); None when no request of the step has an adapter."""
+        if self.lora is None or not inputs.lora_ids.any():
+            return None
+        return np.repeat(self.lora.slots(inputs.lora_ids), np.diff(inputs.query_start_loc))
+
+    def _lora_mapping(self, inputs: StepInputs) -> LoRAMapping | None:
+        token_slots = self._token_slots(inputs)
+        return None if token_slots is None else self.lora.mapping(token_slots)
 
     def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
         batch = self.batch
@@ -289,4 +325,4 @@ class Worker:
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
-          "fail_next_step", "hang_next_step"}
+          "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots"}

@@ -63,12 +63,20 @@ class _ParallelLinear(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         self.weight = _new_param(output_size, input_size, dtype=dtype, loader=self.weight_loader)
         self.bias = _new_param(output_size, dtype=dtype, loader=self.weight_loader) if bias else None
+        self.lora = None  # a LoRAStack when the engine serves adapters (workers.lora)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def lora_slices(self) -> list[int]:
+        """Output widths, on this rank, of the projections fused in this layer."""
+        return [self.weight.shape[0]]
+
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if lora is not None and self.lora is not None:
+            out = self.lora(x, out, lora)
+        return out
 
 
 def _divide(total: int, tp_size: int, what: str) -> int:
@@ -102,6 +110,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_sizes = [_divide(n, tp, "output_size") for n in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp, dtype)
 
+    def lora_slices(self) -> list[int]:
+        return list(self.shard_sizes)
+
     def weight_loader(self, param, loaded_weight, shard_id=None):
         assert isinstance(shard_id, int), "merged linear needs an integer shard_id"
         size = self.shard_sizes[shard_id]
@@ -124,6 +135,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp_rank, tp, dtype)
+
+    def lora_slices(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
@@ -152,8 +166,10 @@ class RowParallelLinear(_ParallelLinear):
         size = param.shape[1]
         copy_weight(param.data, narrow_weight(loaded_weight, 1, self.tp_rank * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         out = F.linear(x, self.weight)
+        if lora is not None and self.lora is not None:
+            out = self.lora(x, out, lora)  # a partial sum too: reduced with the base output
         if self.tp_size > 1:
             out = parallel_state.all_reduce(out)
         if self.bias is not None:

@@ -48,8 +48,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp_rank, tp_size, dtype)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora)), lora)
 
 
 class LlamaAttention(nn.Module):
@@ -66,10 +66,10 @@ class LlamaAttention(nn.Module):
                               self.qkv_proj.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                meta: AttentionMetadata, lora=None) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta), lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,16 +83,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, positions, hidden, residual, kv_cache, meta):
+    def forward(self, positions, hidden, residual, kv_cache, meta, lora=None):
         # The residual stream is carried unnormalised; the fused op adds and normalises.
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, lora)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -108,11 +108,11 @@ class LlamaModel(nn.Module):
             for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, input_ids, positions, meta, kv_caches):
+    def forward(self, input_ids, positions, meta, kv_caches, lora=None):
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, lora)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -156,12 +156,13 @@ class LlamaForCausalLM(nn.Module):
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """``input_ids, positions [T]`` (int64) → final hidden states ``[T, hidden]``."""
+                kv_caches: list[torch.Tensor], lora=None) -> torch.Tensor:
+        """``input_ids, positions [T]`` (int64) → final hidden states ``[T, hidden]``;
+        ``lora`` (a ``LoRAMapping``) adds each token's adapter, if any."""
         if self.sliding_window is not None and meta.max_seq_len > self.sliding_window:
             raise ValueError(f"context of {meta.max_seq_len} tokens exceeds sliding_window="
                              f"{self.sliding_window}, which is not implemented; lower max_model_len")
-        return self.model(input_ids, positions, meta, kv_caches)
+        return self.model(input_ids, positions, meta, kv_caches, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [S, hidden]`` → float32 logits over the full vocabulary, on every rank."""

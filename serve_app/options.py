@@ -80,15 +80,31 @@ def parse_args(args: dict) -> tuple[dict, ServerOptions]:
         if engine_kwargs.get("enable_lora") is False:
             raise ValueError("enable_lora: must not be false when lora_modules are given")
         engine_kwargs["enable_lora"] = True
-        for name, path in server_kwargs["lora_modules"]:
-            if not os.path.exists(path):
-                raise ValueError(f"lora_modules: path {path!r} of adapter {name!r} does not exist")
     config = EngineConfig.from_kwargs(**engine_kwargs)  # bad values fail now, not in the replica
     engine_kwargs["device"] = config.device.device  # "auto" resolved here, where the GPUs show
     model_path = resolve_model(engine_kwargs["model"])
     if not os.path.exists(model_path):
         raise ValueError(f"model: path {model_path!r} does not exist")
-    return engine_kwargs, ServerOptions(**server_kwargs)
+    options = ServerOptions(**server_kwargs)
+    _check_lora_modules(options.lora_modules, model_path, config.lora.max_lora_rank)
+    return engine_kwargs, options
+
+
+def _check_lora_modules(modules, model_path: str, max_lora_rank: int) -> None:
+    """The deploy-time adapters, checked against the model as the engine will check them."""
+    if not modules:
+        return
+    from workers.lora import check_adapter
+    from workers.model_loader import load_hf_config
+
+    hf_config = load_hf_config(model_path)
+    for name, path in modules:
+        if not os.path.exists(path):
+            raise ValueError(f"lora_modules: path {path!r} of adapter {name!r} does not exist")
+        try:
+            check_adapter(path, hf_config, max_lora_rank, name=name)
+        except ValueError as e:
+            raise ValueError(f"lora_modules: adapter {name!r}: {e}") from None
 
 
 def parse_lora_modules(value) -> tuple[tuple[str, str], ...]:

@@ -4,6 +4,7 @@ time (404 unknown, 409 in use, 400 bad), with the outputs of transformers + PEFT
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -44,11 +45,10 @@ def adapter(tiny_chat_model, tmp_path_factory):
     lambda a, b: {"a": a, "b": b},
     lambda a, b: json.dumps([{"name": "a", "path": a}, f"b={b}"]),
 ])
-def test_lora_modules_from_cli_and_yaml(tiny_chat_model, tmp_path, given):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    engine, server = parse_args({"model": tiny_chat_model, "lora_modules": given(str(a), str(b))})
-    assert server.lora_modules == (("a", str(a)), ("b", str(b)))
+def test_lora_modules_from_cli_and_yaml(tiny_chat_model, adapter, given):
+    a, b = adapter(1), adapter(2)
+    engine, server = parse_args({"model": tiny_chat_model, "lora_modules": given(a, b)})
+    assert server.lora_modules == (("a", a), ("b", b))
     assert engine["enable_lora"] is True
 
 
@@ -66,6 +66,13 @@ def test_bad_lora_modules_name_the_field(tiny_chat_model, modules, match):
                     "lora_modules": modules})
     with pytest.raises(ValueError, match="enable_lora"):
         parse_args({"model": tiny_chat_model, "lora_modules": "a=/tmp", "enable_lora": "false"})
+
+
+def test_a_bad_deploy_time_adapter_fails_at_build_time(tiny_chat_model, adapter, tmp_path):
+    with pytest.raises(ValueError, match="lora_modules: adapter 'bad': .*adapter_config.json"):
+        deploy({"model": tiny_chat_model, "lora_modules": f"bad={tmp_path}"})
+    with pytest.raises(ValueError, match="lora_modules: adapter 'big': .*max_lora_rank"):
+        deploy({"model": tiny_chat_model, "lora_modules": f"big={adapter(3, r=32)}"})
 
 
 def test_lora_endpoints_are_published():
@@ -263,3 +270,28 @@ def test_lora_endpoints_need_the_key(base_url, adapter):
     models = httpx.get(f"{base_url}/v1/models",
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
     assert [m["id"] for m in models] == [MODEL, "alpha"]  # nothing changed
+
+
+@pytest.mark.slow
+def test_a_rebuilt_core_gets_the_adapters_back(base_url, client, adapter, expected, ray_cluster):
+    import os
+    import signal
+
+    import ray
+
+    from bench.faults import wait_healthy
+
+    (core,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("spmd-engine-core-")]
+    pid = ray.get(ray.get_actor(core["name"], namespace=core["namespace"]).ready.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base_url}/health").status_code == 200:  # until the replica notices
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_healthy(base_url, 120)
+    assert _model_ids(client) == [MODEL, "alpha"]
+    alpha = client.completions.create(model="alpha", prompt=PROMPT, **GREEDY)
+    assert alpha.choices[0].text == expected(adapter(1))
+
+

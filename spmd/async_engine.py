@@ -376,10 +376,7 @@ class AsyncEngine:
 
 
 def _check_new_lora(lora: LoRARequest, loras: dict[str, LoRARequest], adding: set[str]) -> None:
-    if not lora.lora_name:
-        raise ValueError("lora_name: must not be empty")
-    if type(lora.lora_int_id) is not int or lora.lora_int_id < 1:
-        raise ValueError(f"lora_int_id: must be an int >= 1, got {lora.lora_int_id!r}")
+    """Name and id unique among this engine's adapters (``LoRARequest`` checks the fields)."""
     if lora.lora_name in loras or lora.lora_name in adding:
         raise ValueError(f"lora_name: a LoRA adapter named {lora.lora_name!r} is already loaded")
     same_id = next((x for x in loras.values() if x.lora_int_id == lora.lora_int_id), None)

@@ -119,6 +119,9 @@ class Heartbeat(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="bea
 
 
 class UtilityResult(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="result"):
+    """A call's return value, or ``error``: ``"<kind>: <message>"``, where kind is
+    ``ValueError`` (bad input, any subclass), ``LoRAInUseError`` or the exception's type."""
+
     call_id: int
     value: Any = None
     error: str | None = None

@@ -9,12 +9,13 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -37,12 +38,15 @@ from serve_app.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    UnloadLoRAAdapterRequest,
 )
 from serve_app.streams import Deltas, EngineStreams, sse, usage
 from spmd import AsyncEngine, RequestOutput, SamplingParams
-from spmd.async_engine import EngineDeadError
+from spmd.async_engine import EngineDeadError, LoRANotFoundError
+from spmd.lora import LoRAInUseError, LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +93,18 @@ def _depth_exceeds(data, limit: int) -> bool:
 # reference and replicas import this module.
 @serve.ingress(fastapi_app)
 class LLMServer:
-    def __init__(self, engine_kwargs: dict, options: ServerOptions):
+    async def __init__(self, engine_kwargs: dict, options: ServerOptions):
         self.engine = AsyncEngine(**engine_kwargs)
         self.options = options
         self.model_name = options.served_model_name
         self.metrics = ServerMetrics()
         self.created = int(time.time())
+        for name, path in options.lora_modules:  # before the replica reports ready
+            try:
+                await self.engine.add_lora(LoRARequest(name, self.engine.next_lora_id(), path))
+            except ValueError as e:
+                self.engine.shutdown()
+                raise ValueError(f"lora_modules: adapter {name!r} ({path}): {e}") from None
 
     # ---- routes ---------------------------------------------------------------------
 
@@ -109,6 +119,14 @@ class LLMServer:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._handle("/v1/chat/completions", request, self._chat)
+
+    @fastapi_app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        return await self._handle("/v1/load_lora_adapter", request, self._load_lora)
+
+    @fastapi_app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        return await self._handle("/v1/unload_lora_adapter", request, self._unload_lora)
 
     @fastapi_app.get("/health")
     async def health(self):
@@ -171,12 +189,42 @@ class LLMServer:
         return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE_LATEST)
 
     async def _models(self, request: Request) -> Response:
-        card = ModelCard(id=self.model_name, created=self.created,
-                         max_model_len=self.engine.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        max_model_len = self.engine.max_model_len
+        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=max_model_len)]
+        cards += [ModelCard(id=lora.lora_name, created=self.created, max_model_len=max_model_len,
+                            root=lora.lora_path, parent=self.model_name)
+                  for lora in self.engine.list_loras()]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    async def _load_lora(self, request: Request) -> Response:
+        req = self._parse(LoadLoRAAdapterRequest, await self._read_json(request))
+        name = req.lora_name
+        if name == self.model_name or self._lora(name) is not None:
+            raise APIError(400, f"lora_name: the LoRA adapter {name!r} has already been loaded",
+                           param="lora_name")
+        if not os.path.isdir(req.lora_path):
+            raise APIError(400, f"lora_path: {req.lora_path!r} is not a folder on the server",
+                           param="lora_path")
+        await self.engine.add_lora(LoRARequest(name, self.engine.next_lora_id(), req.lora_path))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: Request) -> Response:
+        req = self._parse(UnloadLoRAAdapterRequest, await self._read_json(request))
+        which = req.lora_name if req.lora_name is not None else req.lora_int_id
+        try:
+            lora = await self.engine.remove_lora(which)
+        except LoRANotFoundError:
+            raise APIError(404, f"The LoRA adapter {which!r} is not loaded.", param="lora_name",
+                           code="lora_not_found") from None
+        except LoRAInUseError:
+            raise APIError(409, f"The LoRA adapter {which!r} is in use by unfinished requests; "
+                           "unload it once they finish.", param="lora_name",
+                           code="lora_in_use") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' removed successfully.")
 
     async def _completions(self, request: Request) -> Response:
         req = self._parse(CompletionRequest, await self._read_json(request))
+        lora = self._model(req.model)
         params = _sampling_params(req)
         if req.echo and self.engine.tokenizer is None:
             raise APIError(400, "echo: needs a tokenizer (the server runs with "
@@ -189,9 +237,10 @@ class LLMServer:
                            "per request (max_n, max_num_seqs)", param="prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await EngineStreams.start(self.engine, self.metrics, request_id, prompts,
-                                            params)
+                                            params, lora)
         echo = [self._prompt_text(out) if req.echo else "" for out in streams.firsts]
-        head = dict(id=request_id, created=int(time.time()), model=self.model_name)
+        head = dict(id=request_id, created=int(time.time()),
+                    model=lora.lora_name if lora else self.model_name)
         if req.stream:
             return sse(self._completion_chunks(req, head, streams, params, echo))
         finals = await streams.finals()
@@ -224,12 +273,14 @@ class LLMServer:
 
     async def _chat(self, request: Request) -> Response:
         req = self._parse(ChatCompletionRequest, await self._read_json(request))
+        lora = self._model(req.model)
         params = _sampling_params(req)
         prompt = self._render_chat(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await EngineStreams.start(self.engine, self.metrics, request_id, [prompt],
-                                            params)
-        head = dict(id=request_id, created=int(time.time()), model=self.model_name)
+                                            params, lora)
+        head = dict(id=request_id, created=int(time.time()),
+                    model=lora.lora_name if lora else self.model_name)
         top_n = req.top_logprobs or 0
         if req.stream:
             return sse(self._chat_chunks(req, head, streams, params, top_n))
@@ -297,13 +348,22 @@ class LLMServer:
 
     def _parse(self, model: type[BaseModel], data: dict):
         try:
-            req = model.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as e:
             raise bad_schema(e) from None
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"model: {req.model!r} does not exist; this server serves "
-                           f"{self.model_name!r}", param="model", code="model_not_found")
-        return req
+
+    def _model(self, name: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's ``model`` names; None: the base model."""
+        if name is None or name == self.model_name:
+            return None
+        lora = self._lora(name)
+        if lora is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model",
+                           code="model_not_found")
+        return lora
+
+    def _lora(self, name: str) -> LoRARequest | None:
+        return next((x for x in self.engine.list_loras() if x.lora_name == name), None)
 
     def _render_chat(self, req: ChatCompletionRequest) -> dict:
         tokenizer = self.engine.tokenizer

@@ -39,10 +39,15 @@ def error_for(err: BaseException, where: str) -> APIError:
     """The client's view of an exception: a short message and an error type. Details
     (tracebacks, paths, actor ids, pids, addresses) go to the server log only."""
     from spmd import RequestFailedError
-    from spmd.async_engine import EngineDeadError
+    from spmd.async_engine import EngineDeadError, LoRANotFoundError
+    from spmd.lora import LoRAInUseError
 
     if isinstance(err, APIError):
         return err
+    if isinstance(err, LoRAInUseError):  # a ValueError, but the client is not at fault
+        return APIError(409, str(err), param="lora_name", code="lora_in_use")
+    if isinstance(err, LoRANotFoundError):
+        return APIError(404, err.args[0], param="lora_name", code="lora_not_found")
     if isinstance(err, ValueError):
         return bad_value(err)
     if isinstance(err, EngineDeadError):

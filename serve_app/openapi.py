@@ -12,22 +12,31 @@ from serve_app.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
 )
 
 _REF = "#/components/schemas/{model}"
 
-# path -> (request model, response model) of each POST endpoint
-_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+# path -> (request model, response model; None: a text/plain answer) of each POST endpoint
+_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
     "/v1/completions": (CompletionRequest, CompletionResponse),
     "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
+    "/v1/load_lora_adapter": (LoadLoRAAdapterRequest, None),
+    "/v1/unload_lora_adapter": (UnloadLoRAAdapterRequest, None),
 }
 
 _ERRORS = {
     400: "Invalid request: malformed JSON, a wrong type or a value out of range",
     401: "Missing or wrong API key",
-    404: "No such model",
+    404: "No such model (or LoRA adapter)",
+    409: "The LoRA adapter is in use by unfinished requests",
     413: "Request body larger than max_body_bytes",
     503: "The engine is unavailable (restarting or shutting down)",
+}
+_ERRORS_OF = {  # the statuses an endpoint answers, where not 400, 401, 404, 413, 503
+    "/v1/load_lora_adapter": (400, 401, 413, 503),
+    "/v1/unload_lora_adapter": (400, 401, 404, 409, 413, 503),
 }
 
 # What CompletionRequest's "before" validator accepts, which pydantic reports as `Any` ({}).
@@ -82,17 +91,21 @@ def _with_bodies(schema: dict) -> dict:
         "schema": {"$ref": _REF.format(model="ErrorResponse")}}}}
         for status, text in _ERRORS.items()}
     for path, (request, response) in _BODIES.items():
+        statuses = _ERRORS_OF.get(path, (400, 401, 404, 413, 503))
         operation = schema.get("paths", {}).get(path, {}).get("post")
         if operation is None:  # the route is not mounted (or not in the schema)
             continue
         operation["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": {"$ref": _REF.format(model=_component(components, request,
                                                               "validation"))}}}}
-        ok = {"application/json": {"schema": {"$ref": _REF.format(
-            model=_component(components, response, "serialization"))}},
-            "text/event-stream": {"schema": {"type": "string"}}}  # stream=true
+        if response is None:
+            ok = {"text/plain": {"schema": {"type": "string"}}}
+        else:
+            ok = {"application/json": {"schema": {"$ref": _REF.format(
+                model=_component(components, response, "serialization"))}},
+                "text/event-stream": {"schema": {"type": "string"}}}  # stream=true
         operation["responses"] = {"200": {"description": "Successful Response", "content": ok},
-                                  **errors}
+                                  **{str(s): errors[str(s)] for s in statuses}}
     return schema
 
 

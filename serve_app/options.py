@@ -32,6 +32,8 @@ class ServerOptions:
     replica_num_cpus: float = 0.5  # Ray logical CPUs of the replica (its rank actors ask their own)
     host: str | None = None  # Serve's http_options; None: Serve's default (127.0.0.1)
     port: int | None = None  # None: 8000
+    # LoRA adapters loaded at start, (name, path) each; given, they imply enable_lora=True
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         _check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
@@ -45,6 +47,12 @@ class ServerOptions:
         _check(self.replica_num_cpus >= 0, "replica_num_cpus", "must be >= 0")
         _check(self.port is None or 0 < self.port < 65536, "port", "must be in 1..65535")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        names = [name for name, _ in self.lora_modules]
+        _check(all(names), "lora_modules", "an adapter name must not be empty")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        _check(not twice, "lora_modules", f"adapter name(s) {twice} given more than once")
+        _check(self.served_model_name not in names, "lora_modules",
+               f"adapter name {self.served_model_name!r} is the served model's name")
 
 
 def parse_args(args: dict) -> tuple[dict, ServerOptions]:
@@ -59,6 +67,8 @@ def parse_args(args: dict) -> tuple[dict, ServerOptions]:
             engine_kwargs[name] = _convert(key, value, engine_fields[name])
         elif name == "num_replicas":
             server_kwargs[name] = value if value == "auto" else _convert(key, value, int)
+        elif name == "lora_modules":
+            server_kwargs[name] = parse_lora_modules(value)
         elif name in server_fields:
             server_kwargs[name] = _convert(key, value, server_fields[name])
         else:
@@ -66,12 +76,62 @@ def parse_args(args: dict) -> tuple[dict, ServerOptions]:
             raise ValueError(f"{key}: unknown argument; known: {', '.join(known)}")
     if server_kwargs.get("served_model_name") is None:
         server_kwargs["served_model_name"] = engine_kwargs["model"]
+    if server_kwargs.get("lora_modules"):
+        if engine_kwargs.get("enable_lora") is False:
+            raise ValueError("enable_lora: must not be false when lora_modules are given")
+        engine_kwargs["enable_lora"] = True
     config = EngineConfig.from_kwargs(**engine_kwargs)  # bad values fail now, not in the replica
     engine_kwargs["device"] = config.device.device  # "auto" resolved here, where the GPUs show
     model_path = resolve_model(engine_kwargs["model"])
     if not os.path.exists(model_path):
         raise ValueError(f"model: path {model_path!r} does not exist")
-    return engine_kwargs, ServerOptions(**server_kwargs)
+    options = ServerOptions(**server_kwargs)
+    _check_lora_modules(options.lora_modules, model_path, config.lora.max_lora_rank)
+    return engine_kwargs, options
+
+
+def _check_lora_modules(modules, model_path: str, max_lora_rank: int) -> None:
+    """The deploy-time adapters, checked against the model as the engine will check them."""
+    if not modules:
+        return
+    from workers.lora import check_adapter
+    from workers.model_loader import load_hf_config
+
+    hf_config = load_hf_config(model_path)
+    for name, path in modules:
+        if not os.path.exists(path):
+            raise ValueError(f"lora_modules: path {path!r} of adapter {name!r} does not exist")
+        try:
+            check_adapter(path, hf_config, max_lora_rank, name=name)
+        except ValueError as e:
+            raise ValueError(f"lora_modules: adapter {name!r}: {e}") from None
+
+
+def parse_lora_modules(value) -> tuple[tuple[str, str], ...]:
+    """``"name=path,name2=path2"`` (CLI), or from YAML a list of ``{name, path}`` (or of
+    ``"name=path"``) or a mapping name → path; JSON text of those too."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"lora_modules: invalid JSON ({e})") from None
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, dict):
+        value = [{"name": k, "path": v} for k, v in value.items()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"lora_modules: expected name=path pairs, got {value!r}")
+    modules = []
+    for item in value:
+        if isinstance(item, str) and "=" in item:
+            item = dict(zip(("name", "path"), (x.strip() for x in item.split("=", 1))))
+        if not (isinstance(item, dict) and set(item) == {"name", "path"}
+                and all(isinstance(v, str) for v in item.values())):
+            raise ValueError(f"lora_modules: {item!r} is not name=path (or {{name, path}})")
+        modules.append((item["name"], item["path"]))
+    return tuple(modules)
 
 
 def _engine_fields() -> dict[str, type]:

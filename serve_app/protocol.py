@@ -178,6 +178,26 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling_params(max_tokens, logprobs)
 
 
+class LoadLoRAAdapterRequest(_Request):
+    """``POST /v1/load_lora_adapter`` (vLLM's): a PEFT adapter folder on the server."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """``POST /v1/unload_lora_adapter``: the adapter by name (or, as vLLM, by its id)."""
+
+    lora_name: str | None = Field(default=None, min_length=1)
+    lora_int_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_given(self):
+        if self.lora_name is None and self.lora_int_id is None:
+            raise ValueError("lora_name: required")
+        return self
+
+
 # ---- responses ---------------------------------------------------------------------
 
 class UsageInfo(BaseModel):
@@ -301,6 +321,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "spmd-serve"
     max_model_len: int
+    root: str | None = None  # a LoRA adapter: its path
+    parent: str | None = None  # a LoRA adapter: the served model it adapts
 
 
 class ModelList(BaseModel):

@@ -17,6 +17,7 @@ from serve_app.errors import bad_value, error_for
 from serve_app.metrics import RequestTimer, ServerMetrics
 from serve_app.protocol import UsageInfo
 from spmd import AsyncEngine, RequestOutput, SamplingParams
+from spmd.lora import LoRARequest
 from spmd.output_processor import merge_delta
 
 
@@ -26,24 +27,26 @@ class EngineStreams:
     them early, client gone included, aborts every unfinished one."""
 
     def __init__(self, engine: AsyncEngine, request_ids: list[str], timers: list[RequestTimer],
-                 params: SamplingParams, prompts: list):
+                 params: SamplingParams, prompts: list, lora_request: LoRARequest | None = None):
         self.engine = engine
         self.request_ids = request_ids
         self.timers = timers
-        self.gens = [engine.generate(p, params, rid, delta=True)
+        self.gens = [engine.generate(p, params, rid, delta=True, lora_request=lora_request)
                      for p, rid in zip(prompts, request_ids)]
         self.firsts: list[RequestOutput] = []
         self._cleanup: asyncio.Future | None = None
 
     @classmethod
     async def start(cls, engine: AsyncEngine, metrics: ServerMetrics, request_id: str,
-                    prompts: list, params: SamplingParams) -> EngineStreams:
+                    prompts: list, params: SamplingParams,
+                    lora_request: LoRARequest | None = None) -> EngineStreams:
         """Waits for every prompt's first output, so that a request the engine refuses
         (``ValueError``) fails with a 400 before any byte of a stream is sent."""
         start = time.perf_counter()
         ids = ([request_id] if len(prompts) == 1
                else [f"{request_id}-{i}" for i in range(len(prompts))])
-        streams = cls(engine, ids, [metrics.timer(start) for _ in prompts], params, prompts)
+        streams = cls(engine, ids, [metrics.timer(start) for _ in prompts], params, prompts,
+                      lora_request)
         firsts = [asyncio.ensure_future(anext(gen)) for gen in streams.gens]
         try:
             streams.firsts = await asyncio.gather(*firsts)

@@ -25,15 +25,20 @@ from spmd.config import EngineConfig
 from spmd.core_client import CoreClient, EngineDeadError
 from spmd.engine import RequestFailedError
 from spmd.input_processor import InputProcessor
+from spmd.lora import LoRAInUseError, LoRARequest
 from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError"]
+__all__ = ["AsyncEngine", "EngineDeadError", "LoRANotFoundError"]
 
 FAN_OUT_SLICE = 128  # collectors woken per event-loop callback
+
+
+class LoRANotFoundError(LookupError):
+    """No LoRA adapter of that name (or id) is loaded."""
 
 
 class RequestCollector:
@@ -82,6 +87,11 @@ class AsyncEngine:
         self._closing = False
         self.num_core_restarts = 0
         self._restarter: threading.Thread | None = None
+        # LoRA adapters registered with the core, by name; a rebuilt core gets them all again.
+        self._loras: dict[str, LoRARequest] = {}
+        self._loras_adding: set[str] = set()  # names whose add_lora call is in flight
+        self._lora_lock = threading.Lock()
+        self._next_lora_id = 1
         self.client = self._start_client()
 
     def _start_client(self) -> CoreClient:
@@ -112,16 +122,19 @@ class AsyncEngine:
     # ---- requests -----------------------------------------------------------------
 
     async def generate(self, prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None, *,
-                       delta: bool = False) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, delta: bool = False,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yields outputs as tokens arrive (each cumulative, or only what is new with
         ``delta=True``); the last one has ``finished``. Leaving early (the client
         gone) aborts the request. Bad input raises ``ValueError`` before anything is
-        queued."""
+        queued. ``lora_request``: run on that adapter (registered first if it is not)."""
         request_id = request_id or uuid.uuid4().hex
         params = params or SamplingParams()
         self._check_alive()
-        text, prompt_ids, request = self.inputs.process(request_id, prompt, params)
+        if lora_request is not None and self._loras.get(lora_request.lora_name) != lora_request:
+            await self.add_lora(lora_request)
+        text, prompt_ids, request = self.inputs.process(request_id, prompt, params,
+                                                        lora_request=lora_request)
         collector = RequestCollector(asyncio.get_running_loop())
         with self._lock:
             self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
@@ -168,6 +181,72 @@ class AsyncEngine:
                 pass
         if collector is not None:
             collector.fail(asyncio.CancelledError(f"request {request_id} aborted"))
+
+    # ---- LoRA adapters ----------------------------------------------------------------
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The adapters registered with the core."""
+        return list(self._loras.values())
+
+    def next_lora_id(self) -> int:
+        """An adapter id that no adapter of this engine had (ids are never reused)."""
+        with self._lora_lock:
+            self._next_lora_id += 1
+            return self._next_lora_id - 1
+
+    async def add_lora(self, lora: LoRARequest) -> None:
+        """Registers ``lora`` with the core, which validates its files (``ValueError``
+        naming what is wrong; nothing changes then). Adding it again is a no-op."""
+        with self._lora_lock:
+            if self._loras.get(lora.lora_name) == lora:
+                return
+            _check_new_lora(lora, self._loras, self._loras_adding)
+            self._loras_adding.add(lora.lora_name)
+        try:
+            self._check_alive()
+            await self._call_core("add_lora", lora.lora_name, lora.lora_int_id, lora.lora_path)
+            with self._lora_lock:
+                self._loras[lora.lora_name] = lora
+                self._next_lora_id = max(self._next_lora_id, lora.lora_int_id + 1)
+        finally:
+            with self._lora_lock:
+                self._loras_adding.discard(lora.lora_name)
+
+    async def remove_lora(self, lora: str | int) -> LoRARequest:
+        """Unregisters the adapter of that name (or id) and returns it:
+        ``LoRANotFoundError`` if none is loaded, ``LoRAInUseError`` while unfinished
+        requests use it."""
+        found = next((x for x in self.list_loras() if lora in (x.lora_name, x.lora_int_id)), None)
+        if found is None:
+            raise LoRANotFoundError(f"no LoRA adapter {lora!r} is loaded")
+        self._check_alive()
+        await self._call_core("remove_lora", found.lora_int_id)  # False: the core had none
+        with self._lora_lock:
+            if self._loras.get(found.lora_name) == found:
+                del self._loras[found.lora_name]
+        return found
+
+    async def _call_core(self, method: str, *args):
+        try:
+            return await asyncio.wrap_future(self.client.call(method, *args))
+        except RuntimeError as e:
+            raise _call_error(e) from None
+
+    def _readd_loras(self, client: CoreClient) -> None:
+        """Registers every adapter with a rebuilt core, before it serves. One that fails
+        now (its files changed) is dropped; a dead core raises."""
+        for lora in self.list_loras():
+            future = client.call("add_lora", lora.lora_name, lora.lora_int_id, lora.lora_path)
+            try:
+                future.result(timeout=self.config.parallel.start_timeout_s)
+            except RuntimeError as e:
+                err = _call_error(e)
+                if not isinstance(err, ValueError):
+                    raise
+                logger.error("LoRA adapter %r could not be added to the rebuilt engine core "
+                             "(%s): it is unloaded", lora.lora_name, err)
+                with self._lora_lock:
+                    self._loras.pop(lora.lora_name, None)
 
     # ---- health, stats, rank-state calls ----------------------------------------------
 
@@ -268,10 +347,14 @@ class AsyncEngine:
         for attempt in range(3):
             if self._closing:
                 return
+            client = None
             try:
                 client = self._start_client()
+                self._readd_loras(client)
             except Exception as e:
                 logger.error("engine core restart attempt %d failed: %s", attempt + 1, e)
+                if client is not None:
+                    client.shutdown()
                 time.sleep(2.0 * (attempt + 1))
                 continue
             if self._closing:
@@ -290,6 +373,29 @@ class AsyncEngine:
         if restarter is not None:
             restarter.join(timeout=self.config.parallel.start_timeout_s + 60)
         self.client.shutdown()
+
+
+def _check_new_lora(lora: LoRARequest, loras: dict[str, LoRARequest], adding: set[str]) -> None:
+    """Name and id unique among this engine's adapters (``LoRARequest`` checks the fields)."""
+    if lora.lora_name in loras or lora.lora_name in adding:
+        raise ValueError(f"lora_name: a LoRA adapter named {lora.lora_name!r} is already loaded")
+    same_id = next((x for x in loras.values() if x.lora_int_id == lora.lora_int_id), None)
+    if same_id is not None:
+        raise ValueError(f"lora_int_id: {lora.lora_int_id} is the id of the loaded adapter "
+                         f"{same_id.lora_name!r}")
+
+
+_CALL_ERRORS = {"ValueError": ValueError, "LoRAInUseError": LoRAInUseError}
+
+
+def _call_error(err: RuntimeError) -> Exception:
+    """A failed core call as the frontend raises it: the kind ``UtilityResult.error``
+    names (``"<kind>: <message>"``); a dead engine stays ``EngineDeadError``."""
+    if type(err) is not RuntimeError:
+        return err
+    kind, sep, message = str(err).partition(": ")
+    cls = _CALL_ERRORS.get(kind) if sep else None
+    return cls(message) if cls is not None else err
 
 
 def _fan_out(loop: asyncio.AbstractEventLoop, items: list) -> None:

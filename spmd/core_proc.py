@@ -30,11 +30,13 @@ from serialization import (
 )
 from spmd.config import EngineConfig
 from spmd.engine_core import EngineCore
+from spmd.lora import LoRAInUseError
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 200  # an idle loop wakes this often to check for shutdown and dead ranks
 _RANK_CHECK_S = 2.0  # how often the heartbeat thread asks whether every rank is alive
+_LORA_CALLS = ("add_lora", "remove_lora", "list_loras")  # EngineCore methods, run as named
 
 
 class EngineCoreProc:
@@ -132,9 +134,11 @@ class EngineCoreProc:
                 return UtilityResult(msg.call_id, msgspec.structs.asdict(self._stats))
             if msg.method == "call_all":
                 return UtilityResult(msg.call_id, self.core.call_all(*msg.args))
+            if msg.method in _LORA_CALLS:
+                return UtilityResult(msg.call_id, getattr(self.core, msg.method)(*msg.args))
             return UtilityResult(msg.call_id, error=f"unknown engine-core call {msg.method!r}")
         except Exception as e:
-            return UtilityResult(msg.call_id, error=f"{type(e).__name__}: {e}")
+            return UtilityResult(msg.call_id, error=f"{_error_kind(e)}: {e}")
 
     def _send(self, msg) -> None:
         self._output.send(encode_core(msg), copy=False)
@@ -160,6 +164,15 @@ class EngineCoreProc:
                 self.stopped.wait(self.heartbeat_interval_s)
         finally:
             sock.close(linger=0)
+
+
+def _error_kind(err: Exception) -> str:
+    """What the frontend re-raises a failed call as (``UtilityResult.error``'s prefix)."""
+    if isinstance(err, LoRAInUseError):
+        return "LoRAInUseError"
+    if isinstance(err, ValueError):  # the caller's input: a 400 at the API
+        return "ValueError"
+    return type(err).__name__
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

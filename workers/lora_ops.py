@@ -58,6 +58,8 @@ def _lora_shrink(x: Tensor, lora_a: Tensor, token_slots: Tensor, sorted_idx: Ten
     lora_a = lora_a.to(x.dtype)
     if single_slot >= 0:
         return torch.nn.functional.linear(x, lora_a[single_slot])
+    if _lanes_pay(x.shape[0], lora_a.shape[0]):
+        return lora_shrink_dense(x, lora_a, token_slots)
     y = x.new_zeros((x.shape[0], lora_a.shape[1]))
     bounds = seg_starts.tolist()
     order = sorted_idx.to(torch.int64)
@@ -81,6 +83,15 @@ def _lora_expand(out: Tensor, y: Tensor, lora_b: Tensor, token_slots: Tensor, so
         y, lora_b = y.to(out.dtype), lora_b.to(out.dtype)
         for y_cols, out_cols in slices:
             out[:, out_cols].addmm_(y[:, y_cols], lora_b[single_slot, :, out_cols])
+        return
+    if out.dtype == torch.float32 and _lanes_pay(out.shape[0], lora_b.shape[0]):
+        # Lanes: y spread over the slots (zero but the token's own), one addmm per slice.
+        num_slots, rank = lora_b.shape[:2]
+        lanes = y.to(out.dtype)[:, None, :] * _slot_mask(token_slots, num_slots, out.dtype)[:, :, None]
+        lora_b = lora_b.to(out.dtype)
+        for y_cols, out_cols in slices:
+            out[:, out_cols].addmm_(lanes[:, :, y_cols].reshape(out.shape[0], num_slots * rank),
+                                    lora_b[:, :, out_cols].reshape(num_slots * rank, -1))
         return
     # The delta is float32 so that out + delta is rounded once, as addmm would.
     acc_dtype = torch.promote_types(out.dtype, torch.float32)
@@ -106,6 +117,15 @@ def _(out, y, lora_b, token_slots, sorted_idx, seg_starts, single_slot, slice_of
 
 
 # --------------------------------------------------------------------------- dense (XLA)
+
+
+# CPU, mixed batch: below this many token-slot pairs, computing every slot for every token
+# (a few large ops) beats gathering each slot's tokens (a few small ops per slot): decode.
+_LANES_MAX_PAIRS = 2048
+
+
+def _lanes_pay(num_tokens: int, num_slots: int) -> bool:
+    return num_tokens * num_slots <= _LANES_MAX_PAIRS
 
 
 def _slot_mask(token_slots: Tensor, num_slots: int, dtype: torch.dtype) -> Tensor:

@@ -47,7 +47,8 @@ class CountingBackend:
 
 def allow_recompiles(num_variants: int) -> None:
     """TorchDynamo stops compiling a function after ``recompile_limit`` variants and
-    silently runs it eagerly; static shapes need one variant per shape."""
+    silently runs it eagerly; static shapes need one variant per shape. The limits are
+    per thread: call it in every thread that compiles (``init_thread``)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, num_variants + 8)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, num_variants + 64)

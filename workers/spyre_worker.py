@@ -67,11 +67,15 @@ class SpyreMixin(CPUMixin):
                 raise ValueError(f"warmup_shapes: ({prompt_len}, {max_new}, ...) exceeds "
                                  f"max_model_len={cfg.max_model_len}")
         self.compile_counter = CountingBackend(cfg.compile_backend)
-        allow_recompiles(2 * len(self.shapes))
         self._forward = torch.compile(_static_forward, backend=self.compile_counter, dynamic=False)
         self.static_batch: StaticBatch | None = None
         self.static_caches: list[list[torch.Tensor]] = []
         super().init_device()
+
+    def init_thread(self) -> None:
+        super().init_thread()
+        if hasattr(self, "shapes"):  # TorchDynamo's limits are per thread
+            allow_recompiles(2 * len(self.shapes))
 
     # ---- cache and warm-up ------------------------------------------------------------
 

@@ -69,9 +69,16 @@ class TPUMixin(CPUMixin):
         self.compile_counter = CountingBackend(backend)
         self.token_buckets = buckets(_MIN_TOKENS, cfg.max_num_batched_tokens)
         self.seq_buckets = buckets(_MIN_SEQS, cfg.max_num_seqs)
-        allow_recompiles(len(self.token_buckets) * len(self.seq_buckets))
+        self.init_thread()
         self._forward = torch.compile(_padded_forward, backend=self.compile_counter, dynamic=False)
         self._max_blocks = -(-cfg.max_model_len // cfg.block_size)
+
+    def init_thread(self) -> None:
+        super().init_thread()
+        # TorchDynamo's limits are per thread: a compiled graph's loop thread compiling the
+        # 9th bucket would otherwise run it eagerly, silently.
+        if hasattr(self, "token_buckets"):
+            allow_recompiles(len(self.token_buckets) * len(self.seq_buckets))
 
     def _init_xla(self) -> str:
         cfg = self.config

@@ -202,6 +202,10 @@ class Worker:
         """Adapter id -> device slot, for tests that check every rank agrees."""
         return dict(self.lora.slot_of) if self.lora is not None else {}
 
+    def loaded_loras(self) -> list[int]:
+        """Adapter ids held in this rank's CPU memory."""
+        return sorted(self.lora.cpu) if self.lora is not None else []
+
     def _require_lora(self) -> RankLoRA:
         if self.lora is None:
             raise ValueError("LoRA is not enabled on this rank (max_loras=0)")
@@ -325,4 +329,4 @@ class Worker:
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
-          "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots"}
+          "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots", "loaded_loras"}

@@ -233,6 +233,7 @@ def test_bad_adapters_are_clear_errors_and_change_nothing(llm, adapters, base, t
                  "DoRA is not supported"),
     }
     slots_before = llm.engine.call_all("lora_slots")
+    loaded_before = llm.engine.call_all("loaded_loras")
     registered = llm.engine.list_loras()
     for i, (case, (path, message)) in enumerate(cases.items()):
         with pytest.raises(ValueError, match=message):
@@ -240,9 +241,20 @@ def test_bad_adapters_are_clear_errors_and_change_nothing(llm, adapters, base, t
                          use_tqdm=False)
     assert llm.engine.list_loras() == registered
     assert llm.engine.call_all("lora_slots") == slots_before
+    assert llm.engine.call_all("loaded_loras") == loaded_before
     assert not llm.engine.has_unfinished_requests()
     (out,) = llm.generate([prompts[0]], GREEDY, use_tqdm=False)  # still serving
     assert len(out.outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_a_request_for_an_unregistered_adapter_is_refused(llm, prompts):
+    from serialization import EngineCoreRequest
+    from spmd.input_processor import sampling_options
+
+    req = EngineCoreRequest("ghost", prompts[0], sampling_options(GREEDY), lora_id=999)
+    with pytest.raises(ValueError, match="adapter 999 is not loaded"):
+        llm.engine.core.add_request(req)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_conflicting_registrations_and_disabled_lora_are_refused(llm, loras, base, ray_cluster):

@@ -123,6 +123,23 @@ def test_tpu_emulated_buckets_keep_parity_and_compile_nothing_while_serving(ray_
         llm.shutdown()
 
 
+def test_tpu_emulated_compiles_every_bucket_in_the_graphs_thread(ray_cluster, tiny_dir):
+    """More buckets than TorchDynamo's default limit of 8, compiled in the compiled graph's
+    loop thread: each is a graph of its own (past the limit Dynamo would run it eagerly)."""
+    llm = LLM(tiny_dir("llama"), device="tpu-emulated", compile_backend="eager",
+              max_num_batched_tokens=512, max_num_seqs=32, skip_tokenizer_init=True,
+              max_model_len=256)
+    try:
+        num_buckets = llm.engine.call_all("num_warmup_steps")[0]
+        assert num_buckets == 6 * 3 > 8
+        assert llm.engine.call_all("num_compiled_graphs") == [num_buckets]
+        prompts, params = _random_requests(40, 200, 3, seed=2)
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.call_all("num_compiled_graphs") == [num_buckets]
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is installed")
 def test_tpu_without_torch_xla_is_a_clear_error(tiny_dir):
     with pytest.raises(RuntimeError, match="device='tpu' needs torch_xla.*tpu-emulated"):

@@ -113,6 +113,14 @@ def _segment_block(seg_starts_ptr, pid, NUM_SLOTS: tl.constexpr, SLOTS_PAD: tl.c
 
 
 @triton.jit
+def _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M: tl.constexpr):
+    """The block's token indices (int64) and which of its BLOCK_M rows are in the segment."""
+    positions = block_start + tl.arange(0, BLOCK_M)
+    m_mask = positions < seg_end
+    return tl.load(sorted_idx_ptr + positions, mask=m_mask, other=0).to(tl.int64), m_mask
+
+
+@triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
                         x_row_stride, a_slot_stride, a_row_stride, out_split_stride,
                         out_row_stride, rank_width, hidden,
@@ -124,9 +132,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
                                                 SLOTS_PAD, BLOCK_M)
     if slot >= NUM_SLOTS:
         return
-    positions = block_start + tl.arange(0, BLOCK_M)
-    m_mask = positions < seg_end
-    tokens = tl.load(sorted_idx_ptr + positions, mask=m_mask, other=0).to(tl.int64)
+    tokens, m_mask = _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = cols < rank_width
     x_rows = x_ptr + tokens[:, None] * x_row_stride
@@ -192,9 +198,7 @@ def _lora_expand_kernel(y_ptr, b_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
                                                 SLOTS_PAD, BLOCK_M)
     if slot >= NUM_SLOTS:
         return
-    positions = block_start + tl.arange(0, BLOCK_M)
-    m_mask = positions < seg_end
-    tokens = tl.load(sorted_idx_ptr + positions, mask=m_mask, other=0).to(tl.int64)
+    tokens, m_mask = _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M)
     tile_start = tl.program_id(1) * BLOCK_N
     cols = tile_start + tl.arange(0, BLOCK_N)
     y_rows = y_ptr + tokens[:, None] * y_row_stride

@@ -163,7 +163,7 @@ class RankLoRA:
     ``max_rank`` and scaled) and which one each device slot holds."""
 
     def __init__(self, model: nn.Module, hf_config, *, max_loras: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, lanes: bool = False):
         self.hf_config = hf_config
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -173,7 +173,8 @@ class RankLoRA:
         for layer in self.layers.values():
             layer.lora = LoRAStack(max_loras=max_loras, max_rank=max_rank,
                                    input_size=layer.weight.shape[1],
-                                   slice_sizes=layer.lora_slices(), dtype=dtype, device=device)
+                                   slice_sizes=layer.lora_slices(), dtype=dtype, device=device,
+                                   lanes=lanes)
         self.cpu: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.slot_of: dict[int, int] = {}  # adapter id -> device slot
 

@@ -163,6 +163,28 @@ def lora_expand_dense(out: Tensor, y: Tensor, lora_b: Tensor, token_slots: Tenso
     return out + torch.cat(deltas, dim=1)
 
 
+def lanes_b(lora_b: Tensor, slice_offsets: list[int]) -> Tensor:
+    """One slot's B ``[r, N]`` as the block-diagonal ``[S*r, N]`` of ``lora_lanes``: rows
+    ``s*r:(s+1)*r`` hold slice s's columns, zeros elsewhere."""
+    rank, width = lora_b.shape
+    out = lora_b.new_zeros((len(slice_offsets) - 1) * rank, width)
+    for y_cols, out_cols in _slices(slice_offsets, rank):
+        out[y_cols, out_cols] = lora_b[:, out_cols]
+    return out
+
+
+def lora_lanes(x: Tensor, out: Tensor, lora_a: Tensor, lora_b_lanes: Tensor,
+               lane_mask: Tensor) -> Tensor:
+    """``out`` plus every token's LoRA delta, in the fewest ops that trace to static shapes
+    (the TPU path): every token through every slot's A (one matmul), the lanes of other
+    slots zeroed by ``lane_mask [T, L]``, then one matmul with the slots' block-diagonal
+    Bs stacked (``lora_b_lanes [L*S*r, N]``, from ``lanes_b``)."""
+    num_slots, rank_width, hidden = lora_a.shape
+    y = x @ lora_a.reshape(num_slots * rank_width, hidden).T
+    y = y.view(-1, num_slots, rank_width) * lane_mask[:, :, None]
+    return out + y.reshape(-1, num_slots * rank_width) @ lora_b_lanes
+
+
 # --------------------------------------------------------------------------- public API
 
 

@@ -10,7 +10,7 @@ of two (at least ``_MIN_SEQS``), each capped by its configured maximum
 ``torch.compile(dynamic=False)`` (``compile_backend``) standing in for XLA.
 With LoRA on, every bucket is compiled with the adapters in it: each token's slot is
 one more fixed-shape input (-1: base), the slots' weights are buffers updated in place,
-and the LoRA ops take the dense form, so no mix of adapters ever compiles anything.
+and LoRA runs as lanes (``lora_ops.lora_lanes``), so no mix of adapters ever compiles anything.
 """
 
 from __future__ import annotations
@@ -45,19 +45,22 @@ def buckets(minimum: int, maximum: int) -> list[int]:
 
 
 def _padded_forward(model, input_ids, positions, query_start_loc, seq_lens, block_tables,
-                    slot_mapping, logits_indices, kv_caches, max_seq_len: int, token_slots=None):
+                    slot_mapping, logits_indices, kv_caches, max_seq_len: int, lane_mask=None):
     """One padded step: ``[T_pad]`` tokens of ``S_pad`` requests → logits ``[S_pad, vocab]``;
-    ``token_slots [T_pad]``: each token's LoRA slot (-1: base), when LoRA is on."""
+    ``lane_mask [T_pad, max_loras]``: each token's LoRA slot, one-hot (a base token's row
+    is zero), when LoRA is on."""
     meta = AttentionMetadata(query_start_loc=query_start_loc, seq_lens=seq_lens,
                              block_tables=block_tables, slot_mapping=slot_mapping,
                              max_query_len=input_ids.shape[0], max_seq_len=max_seq_len)
-    lora = None if token_slots is None else LoRAMapping(token_slots, dense=True)
+    lora = None if lane_mask is None else LoRAMapping(None, lane_mask=lane_mask)
     hidden = model(input_ids, positions, meta, kv_caches, lora)
     return model.compute_logits(hidden[logits_indices])
 
 
 class TPUMixin(CPUMixin):
     """Device part of a TPU rank (``tpu``: torch_xla; ``tpu-emulated``: the CPU)."""
+
+    lora_lanes = True
 
     def init_device(self) -> None:
         cfg = self.config
@@ -152,15 +155,16 @@ class TPUMixin(CPUMixin):
         sample = np.zeros(seq_bucket, np.int64)
         sample[: len(logits_indices)] = logits_indices
         dev = self.device
-        lora_slots = None
+        lane_mask = None
         if self.lora is not None:
-            padded = np.full(token_bucket, -1, np.int32)
-            padded[:len(token_slots)] = token_slots
-            lora_slots = torch.from_numpy(padded).to(dev)
+            mask = np.zeros((token_bucket, self.config.max_loras), np.float32)
+            lora_rows = np.flatnonzero(token_slots >= 0)
+            mask[lora_rows, token_slots[lora_rows]] = 1.0
+            lane_mask = torch.from_numpy(mask).to(dev, self.dtype)
         return self._forward(
             self.model, *(torch.from_numpy(a).to(dev) for a in (ids, pos, qsl, lens, tables,
                                                                   slots, sample)),
-            self.kv_caches, self.config.max_model_len, lora_slots)
+            self.kv_caches, self.config.max_model_len, lane_mask)
 
 
 class TPUWorker(TPUMixin, Worker):

@@ -46,6 +46,7 @@ class Worker:
 
     device: torch.device
     _fault: tuple[str, object] | None = None  # set by fail_next_step / hang_next_step
+    lora_lanes = False  # static-shape ranks run LoRA as lanes (lora_ops.lora_lanes)
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -58,7 +59,7 @@ class Worker:
         if config.max_loras:
             self.lora = RankLoRA(self.model, self.model.config, max_loras=config.max_loras,
                                  max_rank=config.max_lora_rank, dtype=self.dtype,
-                                 device=self.device)
+                                 device=self.device, lanes=self.lora_lanes)
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []

@@ -190,6 +190,24 @@ def test_dense_traces_with_static_shapes():
     torch.testing.assert_close(compiled(x, out, slots), layer(x, out, slots))
 
 
+@pytest.mark.parametrize("num_slices", [1, 2, 3])
+def test_lanes_match_segmented_and_trace_with_static_shapes(num_slices):
+    """The TPU path's formulation: block-diagonal B lanes, one-hot mask, two matmuls."""
+    (x, lora_a, lora_b, out, slots, sorted_idx, seg_starts), offsets = _problem(
+        13, num_slices, seed=21 + num_slices)
+    expected = out.clone()
+    y = lora_ops.lora_shrink(x, lora_a, slots, sorted_idx, seg_starts, -1)
+    lora_ops.lora_expand(expected, y, lora_b, slots, sorted_idx, seg_starts, -1, offsets)
+    b_lanes = torch.cat([lora_ops.lanes_b(lora_b[s], offsets) for s in range(NUM_SLOTS)])
+    mask = (slots[:, None] == torch.arange(NUM_SLOTS)).to(x.dtype)
+    torch.testing.assert_close(lora_ops.lora_lanes(x, out, lora_a, b_lanes, mask), expected,
+                               rtol=1e-5, atol=1e-4)
+    compiled = torch.compile(lora_ops.lora_lanes, dynamic=False, fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(x, out, lora_a, b_lanes, mask), expected,
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_kernel_bench_runs_on_cpu(capsys):
     from bench import check_lora_kernels
 

@@ -4,7 +4,7 @@ step's inputs are gathered with a few vectorised numpy ops."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ class StepInputs:
     block_tables: np.ndarray  # [S, max_blocks]
     sample_idx: np.ndarray  # [S'] indices (into S) of requests that sample this step
     logits_indices: np.ndarray  # [S'] token index whose hidden state is sampled
-    lora_ids: np.ndarray  # [S] each request's adapter (0: the base model)
+    # [S] each request's adapter (0: the base model); static batches (Spyre) run none
+    lora_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 class InputBatch:

@@ -94,8 +94,11 @@ class CoreClient:
         if self.dead is not None:
             raise EngineDeadError(f"engine is stopped: {self.dead}")
         data = encode_core(msg)
-        with self._send_lock:  # zmq sockets are not thread-safe; this one is only sent on
-            self._input.send(data, copy=False)
+        try:
+            with self._send_lock:  # zmq sockets are not thread-safe; this one is only sent on
+                self._input.send(data, copy=False)
+        except zmq.ZMQError as e:  # closed by the death handler between the check and here
+            raise EngineDeadError(f"engine is stopped: {self.dead or e}") from None
 
     def call(self, method: str, *args) -> Future:
         """A call the core runs between steps; its result (or error) as a ``Future``."""

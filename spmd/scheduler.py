@@ -208,7 +208,7 @@ class Scheduler(RequestQueues):
             i += 1
 
         # Requests just preempted would not fit; admit nobody this step.
-        active_loras = {r.lora_id for r in self.running if r.lora_id}
+        active_loras = {r.lora_id for r in self.running if r.lora_id} if self.max_loras else set()
         passed_over: list[Request] = []  # adapters beyond max_loras: they keep their place
         while (not preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):

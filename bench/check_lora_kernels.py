@@ -8,7 +8,7 @@ distinct adapters (tokens spread evenly over them): shrink + expand of a mixed b
 segmented launch each), the single-adapter fast path (cuBLAS) where one adapter is used, and
 the base ``F.linear`` of the same layer for scale. On CUDA each figure is the median of many
 replays of a CUDA graph holding ``--graph-iters`` calls (no launch overhead from Python), per
-call. Each case is also checked against the dense (laning) formulation in float32. Prints one
+call. Each case is also checked against the lanes formulation (lora_lanes) in float32. Prints one
 table and one JSON line (also written to ``--json-out``); exits nonzero if a check fails.
 """
 
@@ -102,16 +102,17 @@ def _case(layer, hidden, widths, tokens, adapters, dtype, device, time_us) -> Re
     out = randn(tokens, width)
     # Tokens spread evenly (round robin) over the first `adapters` slots.
     slots = (torch.arange(tokens) % adapters).to(torch.int32).to(device)
-    sorted_idx, seg_starts = lora_ops.lora_metadata_torch(slots, NUM_SLOTS)
+    sorted_idx, seg_starts = (torch.from_numpy(a).to(device)
+                              for a in lora_ops.lora_metadata(slots.cpu().numpy(), NUM_SLOTS))
 
     def lora(single_slot):
         y = lora_ops.lora_shrink(x, lora_a, slots, sorted_idx, seg_starts, single_slot)
         lora_ops.lora_expand(out, y, lora_b, slots, sorted_idx, seg_starts, single_slot, offsets)
 
-    # Check: one call on a copy of out against the dense formulation in float32.
-    expected = lora_ops.lora_expand_dense(
-        out.float(), lora_ops.lora_shrink_dense(x.float(), lora_a.float(), slots),
-        lora_b.float(), slots, offsets)
+    # Check: one call on a copy of out against the lanes formulation in float32.
+    b_lanes = torch.cat([lora_ops.lanes_b(lora_b[s].float(), offsets) for s in range(NUM_SLOTS)])
+    mask = (slots[:, None] == torch.arange(NUM_SLOTS, device=device)).float()
+    expected = lora_ops.lora_lanes(x.float(), out.float(), lora_a.float(), b_lanes, mask)
     start_out = out.clone()
     lora(-1)
     delta, expected_delta = (out.float() - start_out.float()), expected - start_out.float()

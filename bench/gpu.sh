@@ -12,14 +12,6 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
-fail=0
-run() {  # run NAME CMD...: logs to $OUT/NAME.log, keeps going on failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E '^\s*$|it/s\]|s/it\]' | tail -n 40
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { echo "!!! $name failed (rc=$rc)"; fail=1; }
-}
 thru() {  # thru NAME ARGS...: bench.throughput on the 7B shape, JSON to $OUT/NAME.json
   local name=$1; shift
   run "$name" python3 -m bench.throughput --model llama2-7b --load-format dummy --device cuda \

@@ -11,3 +11,14 @@ export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+fail=0
+run() {  # run NAME CMD...: logs to $OUT/NAME.log, keeps going on failure (fail=1)
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E '^\s*$|it/s\]|s/it\]' | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  echo "--- $name: rc=$rc, $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || { echo "!!! $name failed (rc=$rc)"; fail=1; }
+}

@@ -11,16 +11,6 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 python3 -c 'import torch, triton, peft; print("torch", torch.__version__, "triton", triton.__version__, "peft", peft.__version__)'
 
-fail=0
-run() {  # run NAME CMD...: logs to $OUT/NAME.log, keeps going on failure
-  local name=$1; shift
-  echo "=== $name: $*"
-  local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E '^\s*$|it/s\]|s/it\]' | tail -n 40
-  local rc=${PIPESTATUS[0]}
-  echo "--- $name: rc=$rc, $((SECONDS - t0)) s"
-  [ "$rc" = 0 ] || { echo "!!! $name failed (rc=$rc)"; fail=1; }
-}
 thru() {  # thru NAME ARGS...: bench.throughput on the 7B shape with 4 random r=16 adapters
   local name=$1; shift
   run "$name" python3 -m bench.throughput --model llama2-7b --load-format dummy --device cuda \

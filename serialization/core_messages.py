@@ -119,12 +119,14 @@ class Heartbeat(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="bea
 
 
 class UtilityResult(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="result"):
-    """A call's return value, or ``error``: ``"<kind>: <message>"``, where kind is
-    ``ValueError`` (bad input, any subclass), ``LoRAInUseError`` or the exception's type."""
+    """A call's return value, or its ``error`` message with ``error_type``, the class the
+    caller re-raises it as: ``ValueError`` (bad input), ``LoRAInUseError``, or None (any
+    other failure: a ``RuntimeError`` naming the original type)."""
 
     call_id: int
     value: Any = None
     error: str | None = None
+    error_type: str | None = None
 
 
 class CoreDead(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="dead"):

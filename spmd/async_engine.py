@@ -25,7 +25,7 @@ from spmd.config import EngineConfig
 from spmd.core_client import CoreClient, EngineDeadError
 from spmd.engine import RequestFailedError
 from spmd.input_processor import InputProcessor
-from spmd.lora import LoRAInUseError, LoRARequest
+from spmd.lora import LoRARequest
 from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
 from spmd.sampling_params import SamplingParams
@@ -89,7 +89,6 @@ class AsyncEngine:
         self._restarter: threading.Thread | None = None
         # LoRA adapters registered with the core, by name; a rebuilt core gets them all again.
         self._loras: dict[str, LoRARequest] = {}
-        self._loras_adding: set[str] = set()  # names whose add_lora call is in flight
         self._lora_lock = threading.Lock()
         self._next_lora_id = 1
         self.client = self._start_client()
@@ -196,21 +195,15 @@ class AsyncEngine:
 
     async def add_lora(self, lora: LoRARequest) -> None:
         """Registers ``lora`` with the core, which validates its files (``ValueError``
-        naming what is wrong; nothing changes then). Adding it again is a no-op."""
+        naming what is wrong, a name or id already taken among them; nothing changes
+        then). Adding it again is a no-op."""
+        if self._loras.get(lora.lora_name) == lora:
+            return
+        self._check_alive()
+        await self._call_core("add_lora", lora.lora_name, lora.lora_int_id, lora.lora_path)
         with self._lora_lock:
-            if self._loras.get(lora.lora_name) == lora:
-                return
-            _check_new_lora(lora, self._loras, self._loras_adding)
-            self._loras_adding.add(lora.lora_name)
-        try:
-            self._check_alive()
-            await self._call_core("add_lora", lora.lora_name, lora.lora_int_id, lora.lora_path)
-            with self._lora_lock:
-                self._loras[lora.lora_name] = lora
-                self._next_lora_id = max(self._next_lora_id, lora.lora_int_id + 1)
-        finally:
-            with self._lora_lock:
-                self._loras_adding.discard(lora.lora_name)
+            self._loras[lora.lora_name] = lora
+            self._next_lora_id = max(self._next_lora_id, lora.lora_int_id + 1)
 
     async def remove_lora(self, lora: str | int) -> LoRARequest:
         """Unregisters the adapter of that name (or id) and returns it:
@@ -227,10 +220,7 @@ class AsyncEngine:
         return found
 
     async def _call_core(self, method: str, *args):
-        try:
-            return await asyncio.wrap_future(self.client.call(method, *args))
-        except RuntimeError as e:
-            raise _call_error(e) from None
+        return await asyncio.wrap_future(self.client.call(method, *args))
 
     def _readd_loras(self, client: CoreClient) -> None:
         """Registers every adapter with a rebuilt core, before it serves. One that fails
@@ -239,10 +229,7 @@ class AsyncEngine:
             future = client.call("add_lora", lora.lora_name, lora.lora_int_id, lora.lora_path)
             try:
                 future.result(timeout=self.config.parallel.start_timeout_s)
-            except RuntimeError as e:
-                err = _call_error(e)
-                if not isinstance(err, ValueError):
-                    raise
+            except ValueError as err:
                 logger.error("LoRA adapter %r could not be added to the rebuilt engine core "
                              "(%s): it is unloaded", lora.lora_name, err)
                 with self._lora_lock:
@@ -373,29 +360,6 @@ class AsyncEngine:
         if restarter is not None:
             restarter.join(timeout=self.config.parallel.start_timeout_s + 60)
         self.client.shutdown()
-
-
-def _check_new_lora(lora: LoRARequest, loras: dict[str, LoRARequest], adding: set[str]) -> None:
-    """Name and id unique among this engine's adapters (``LoRARequest`` checks the fields)."""
-    if lora.lora_name in loras or lora.lora_name in adding:
-        raise ValueError(f"lora_name: a LoRA adapter named {lora.lora_name!r} is already loaded")
-    same_id = next((x for x in loras.values() if x.lora_int_id == lora.lora_int_id), None)
-    if same_id is not None:
-        raise ValueError(f"lora_int_id: {lora.lora_int_id} is the id of the loaded adapter "
-                         f"{same_id.lora_name!r}")
-
-
-_CALL_ERRORS = {"ValueError": ValueError, "LoRAInUseError": LoRAInUseError}
-
-
-def _call_error(err: RuntimeError) -> Exception:
-    """A failed core call as the frontend raises it: the kind ``UtilityResult.error``
-    names (``"<kind>: <message>"``); a dead engine stays ``EngineDeadError``."""
-    if type(err) is not RuntimeError:
-        return err
-    kind, sep, message = str(err).partition(": ")
-    cls = _CALL_ERRORS.get(kind) if sep else None
-    return cls(message) if cls is not None else err
 
 
 def _fan_out(loop: asyncio.AbstractEventLoop, items: list) -> None:

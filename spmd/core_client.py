@@ -33,8 +33,12 @@ from serialization import (
 from spmd.config import EngineConfig
 from spmd.core_proc import EngineCoreActor
 from spmd.engine_core import ensure_ray
+from spmd.lora import LoRAInUseError
 
 logger = logging.getLogger(__name__)
+
+# UtilityResult.error_type -> the exception a failed core call raises here
+_CALL_ERRORS = {"ValueError": ValueError, "LoRAInUseError": LoRAInUseError}
 
 _POLL_MS = 100
 _WATCH_EVERY_S = 0.25  # how often the receiver asks Ray whether the core actor is gone
@@ -166,7 +170,7 @@ class CoreClient:
             future = self._calls.pop(msg.call_id, None)
             if future is not None:
                 if msg.error is not None:
-                    future.set_exception(RuntimeError(msg.error))
+                    future.set_exception(_CALL_ERRORS.get(msg.error_type, RuntimeError)(msg.error))
                 else:
                     future.set_result(msg.value)
         elif isinstance(msg, CoreDead):

@@ -138,7 +138,9 @@ class EngineCoreProc:
                 return UtilityResult(msg.call_id, getattr(self.core, msg.method)(*msg.args))
             return UtilityResult(msg.call_id, error=f"unknown engine-core call {msg.method!r}")
         except Exception as e:
-            return UtilityResult(msg.call_id, error=f"{_error_kind(e)}: {e}")
+            kind = _error_kind(e)
+            return UtilityResult(msg.call_id, error=str(e) if kind else f"{type(e).__name__}: {e}",
+                                 error_type=kind)
 
     def _send(self, msg) -> None:
         self._output.send(encode_core(msg), copy=False)
@@ -166,13 +168,13 @@ class EngineCoreProc:
             sock.close(linger=0)
 
 
-def _error_kind(err: Exception) -> str:
-    """What the frontend re-raises a failed call as (``UtilityResult.error``'s prefix)."""
+def _error_kind(err: Exception) -> str | None:
+    """What the frontend re-raises a failed call as (``UtilityResult.error_type``)."""
     if isinstance(err, LoRAInUseError):
         return "LoRAInUseError"
     if isinstance(err, ValueError):  # the caller's input: a 400 at the API
         return "ValueError"
-    return type(err).__name__
+    return None
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

@@ -4,6 +4,7 @@ holds no model and no tokenizer: text lives in the frontend."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -185,9 +186,12 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
             return None
+        lora_slots = []
         try:
-            lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running) \
-                if self.loras is not None else []
+            # Only an admission (or a failed step's unmade fills) can need a slot filled.
+            if self.loras is not None and (self.loras.unfilled or any(
+                    r.lora_id for r in itertools.chain(sched.new_requests, sched.resumed))):
+                lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running)
         except Exception as e:  # an adapter's files changed since add_lora checked them
             return self._fail_step(sched, f"an adapter could not be loaded: {type(e).__name__}: {e}")
         try:

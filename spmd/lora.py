@@ -47,7 +47,6 @@ class LoRAInUseError(ValueError):
 class _Adapter:
     name: str
     path: str
-    rank: int
     prefix_key: int  # seeds the prefix-cache hashes of its requests
 
 
@@ -68,6 +67,7 @@ class LoRARegistry:
         self._resident: OrderedDict[int, None] = OrderedDict()  # on the ranks' CPU, LRU first
         self.slots: list[int | None] = [None] * max_loras  # device slot -> adapter id
         self._slot_use: OrderedDict[int, None] = OrderedDict()  # slot indices, LRU first
+        self.unfilled = False  # a failed step's fills count as not made: assign again
         self._num_added = 0
 
     def __contains__(self, lora_id: int) -> bool:
@@ -89,10 +89,9 @@ class LoRARegistry:
                              f"{known.name!r}; remove it first or pick another id")
         if any(a.name == name for a in self.adapters.values()):
             raise ValueError(f"lora_name: an adapter named {name!r} is already registered")
-        rank = check_adapter(path, self.hf_config, self.max_lora_rank, name=name)
+        check_adapter(path, self.hf_config, self.max_lora_rank, name=name)
         self._num_added += 1
-        self.adapters[lora_id] = _Adapter(name, path, rank,
-                                          hash(("lora", lora_id, self._num_added)))
+        self.adapters[lora_id] = _Adapter(name, path, hash(("lora", lora_id, self._num_added)))
         if len(self._resident) < self.max_cpu_loras:
             self._load(lora_id)
         return True
@@ -121,6 +120,7 @@ class LoRARegistry:
         needed = {i for i in needed if i}
         assert len(needed) <= self.max_loras, (needed, self.max_loras)
         fills = []
+        self.unfilled = False
         for lora_id in sorted(needed):
             if lora_id in self.slots:
                 slot = self.slots.index(lora_id)
@@ -135,10 +135,11 @@ class LoRARegistry:
         return fills
 
     def forget_fills(self, fills: Iterable[tuple[int, int]]) -> None:
-        """Slots a failed step was to fill count as empty (a later step fills them again)."""
+        """Slots a failed step was to fill count as empty (the next step fills them again)."""
         for slot, lora_id in fills:
             if self.slots[slot] == lora_id:
                 self.slots[slot] = None
+                self.unfilled = True
 
     def _free_slot(self, needed: set[int]) -> int:
         for slot, held in enumerate(self.slots):

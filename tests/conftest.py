@@ -112,3 +112,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(base_url, request):
+    """The real ``openai`` client of the module's server (its ``base_url`` fixture and its
+    ``API_KEY``), no retries."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=request.module.API_KEY,
+                         max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(base_url, request):
+    """Raw HTTP to the module's server, with its ``API_KEY``."""
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=120,
+                      headers={"Authorization": f"Bearer {request.module.API_KEY}"}) as c:
+        yield c

@@ -122,7 +122,6 @@ def read_adapter_weights(path: str, hf_config, max_lora_rank: int, name: str = "
     if not parts:
         raise ValueError(f"{label}: {WEIGHTS_FILE} holds no LoRA weights")
     out = {}
-    max_rank = 0
     for (layer, module), ab in sorted(parts.items()):
         where = f"{label}: layers.{layer}.{module}"
         if set(ab) != {"A", "B"}:
@@ -140,15 +139,13 @@ def read_adapter_weights(path: str, hf_config, max_lora_rank: int, name: str = "
             raise ValueError(f"{where}: rank {r} exceeds max_lora_rank={max_lora_rank}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(f"{where}: weights hold NaN or Inf")
-        max_rank = max(max_rank, r)
         out[(layer, module)] = (a, b)
     return cfg, out
 
 
-def check_adapter(path: str, hf_config, max_lora_rank: int, name: str = "") -> int:
-    """Validates an adapter against the base model (``ValueError`` otherwise); its rank."""
-    _, weights = read_adapter_weights(path, hf_config, max_lora_rank, name)
-    return max(a.shape[0] for a, _ in weights.values())
+def check_adapter(path: str, hf_config, max_lora_rank: int, name: str = "") -> None:
+    """Validates an adapter against the base model (``ValueError`` otherwise)."""
+    read_adapter_weights(path, hf_config, max_lora_rank, name)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -178,8 +175,8 @@ class RankLoRA:
         self.cpu: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.slot_of: dict[int, int] = {}  # adapter id -> device slot
 
-    def load(self, lora_id: int, path: str) -> int:
-        """Reads this rank's shards of an adapter into CPU memory; returns its rank."""
+    def load(self, lora_id: int, path: str) -> None:
+        """Reads this rank's shards of an adapter into CPU memory."""
         cfg, weights = read_adapter_weights(path, self.hf_config, self.max_rank)
         shards: dict[str, list] = {}
         for (layer_idx, module), (a, b) in weights.items():
@@ -194,7 +191,6 @@ class RankLoRA:
         pinned = self.device.type == "cuda"
         self.cpu[lora_id] = {n: (a.pin_memory() if pinned else a, b.pin_memory() if pinned else b)
                              for n, (a, b) in shards.items()}
-        return max(a.shape[0] for a, _ in weights.values())
 
     def _place(self, layer, index: int, a: torch.Tensor, b: torch.Tensor,
                a_out: torch.Tensor, b_out: torch.Tensor) -> None:

@@ -34,15 +34,6 @@ def lora_metadata(token_slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, 
     return sorted_idx, seg_starts.astype(np.int32)
 
 
-def lora_metadata_torch(token_slots: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
-    """``lora_metadata`` with device ops only (no host reads): capturable in a CUDA graph."""
-    key = torch.where(token_slots < 0, num_slots, token_slots).to(torch.int32)
-    sorted_key, order = torch.sort(key, stable=True)
-    bounds = torch.arange(num_slots + 1, dtype=torch.int32, device=token_slots.device)
-    seg_starts = torch.searchsorted(sorted_key, bounds, out_int32=True)
-    return order.to(torch.int32), seg_starts
-
-
 def _slices(slice_offsets: list[int], rank: int) -> list[tuple[slice, slice]]:
     """(y columns, out columns) of each slice."""
     return [(slice(s * rank, (s + 1) * rank), slice(lo, hi))
@@ -144,23 +135,6 @@ def lora_shrink_dense(x: Tensor, lora_a: Tensor, token_slots: Tensor) -> Tensor:
     y_all = (x @ lora_a.to(x.dtype).reshape(num_slots * rank_width, hidden).T)
     y_all = y_all.view(x.shape[0], num_slots, rank_width)
     return (y_all * _slot_mask(token_slots, num_slots, x.dtype)[:, :, None]).sum(dim=1)
-
-
-def lora_expand_dense(out: Tensor, y: Tensor, lora_b: Tensor, token_slots: Tensor,
-                      slice_offsets: list[int]) -> Tensor:
-    """``out + delta``, the functional, static-shape ``lora_expand`` ("LoRA laning").
-
-    y is spread into L lanes (zero except the token's own slot), so the sum over slots folds
-    into the contraction: one ``[T, L*r] @ [L*r, width]`` matmul per slice.
-    """
-    num_slots, rank = lora_b.shape[:2]
-    num_tokens = y.shape[0]
-    lanes = y.to(out.dtype)[:, None, :] * _slot_mask(token_slots, num_slots, out.dtype)[:, :, None]
-    lora_b = lora_b.to(out.dtype)
-    deltas = [lanes[:, :, y_cols].reshape(num_tokens, num_slots * rank)
-              @ lora_b[:, :, out_cols].reshape(num_slots * rank, -1)
-              for y_cols, out_cols in _slices(slice_offsets, rank)]
-    return out + torch.cat(deltas, dim=1)
 
 
 def lanes_b(lora_b: Tensor, slice_offsets: list[int]) -> Tensor:

@@ -93,11 +93,12 @@ def _num_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:
 
 
 @triton.jit
-def _segment_block(seg_starts_ptr, pid, NUM_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
-    """(slot, first sorted position, segment end) of the pid-th token block of the step.
+def _segment_block(seg_starts_ptr, sorted_idx_ptr, pid, NUM_SLOTS: tl.constexpr,
+                   SLOTS_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(slot, token indices (int64), row mask) of the pid-th token block of the step.
 
-    Blocks are numbered slot by slot; slot >= NUM_SLOTS means pid is past the last block.
+    Blocks are numbered slot by slot; slot >= NUM_SLOTS means pid is past the last block
+    (then no row is in the mask).
     """
     slots = tl.arange(0, SLOTS_PAD)
     live = slots < NUM_SLOTS
@@ -109,15 +110,10 @@ def _segment_block(seg_starts_ptr, pid, NUM_SLOTS: tl.constexpr, SLOTS_PAD: tl.c
     pick = slots == slot
     block_start = tl.sum(tl.where(pick, starts + (pid - last + blocks) * BLOCK_M, 0), axis=0)
     seg_end = tl.sum(tl.where(pick, ends, 0), axis=0)
-    return slot, block_start, seg_end
-
-
-@triton.jit
-def _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M: tl.constexpr):
-    """The block's token indices (int64) and which of its BLOCK_M rows are in the segment."""
     positions = block_start + tl.arange(0, BLOCK_M)
     m_mask = positions < seg_end
-    return tl.load(sorted_idx_ptr + positions, mask=m_mask, other=0).to(tl.int64), m_mask
+    tokens = tl.load(sorted_idx_ptr + positions, mask=m_mask, other=0).to(tl.int64)
+    return slot, tokens, m_mask
 
 
 @triton.jit
@@ -128,11 +124,10 @@ def _lora_shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """One (token block, R block, K split): ``out[split, tokens, r] = x[tokens, ks] @ A[slot, r, ks]^T``."""
-    slot, block_start, seg_end = _segment_block(seg_starts_ptr, tl.program_id(0), NUM_SLOTS,
-                                                SLOTS_PAD, BLOCK_M)
+    slot, tokens, m_mask = _segment_block(seg_starts_ptr, sorted_idx_ptr, tl.program_id(0),
+                                          NUM_SLOTS, SLOTS_PAD, BLOCK_M)
     if slot >= NUM_SLOTS:
         return
-    tokens, m_mask = _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = cols < rank_width
     x_rows = x_ptr + tokens[:, None] * x_row_stride
@@ -194,11 +189,10 @@ def _lora_expand_kernel(y_ptr, b_ptr, out_ptr, sorted_idx_ptr, seg_starts_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """One (token block, column block): ``out[tokens, cols] += y[tokens] @ B[slot][:, cols]``, per slice."""
-    slot, block_start, seg_end = _segment_block(seg_starts_ptr, tl.program_id(0), NUM_SLOTS,
-                                                SLOTS_PAD, BLOCK_M)
+    slot, tokens, m_mask = _segment_block(seg_starts_ptr, sorted_idx_ptr, tl.program_id(0),
+                                          NUM_SLOTS, SLOTS_PAD, BLOCK_M)
     if slot >= NUM_SLOTS:
         return
-    tokens, m_mask = _block_tokens(sorted_idx_ptr, block_start, seg_end, BLOCK_M)
     tile_start = tl.program_id(1) * BLOCK_N
     cols = tile_start + tl.arange(0, BLOCK_N)
     y_rows = y_ptr + tokens[:, None] * y_row_stride

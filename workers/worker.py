@@ -191,10 +191,10 @@ class Worker:
                 self.batch.preempt(seq_id)
         return dropped
 
-    def load_lora(self, lora_id: int, path: str) -> int:
-        """Reads this rank's shards of an adapter into CPU memory (the engine has checked
-        it); returns its rank."""
-        return self._require_lora().load(lora_id, path)
+    def load_lora(self, lora_id: int, path: str) -> bool:
+        """Reads this rank's shards of an adapter into CPU memory (the engine has checked it)."""
+        self._require_lora().load(lora_id, path)
+        return True
 
     def unload_lora(self, lora_id: int) -> bool:
         return self._require_lora().unload(lora_id)

@@ -105,18 +105,6 @@ def base_url(ray_cluster, tiny_chat_model, adapter):
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def expected(tiny_chat_model, adapter, smollm2_tokenizer):
     """``expected(adapter dir or None)``: transformers (+ PEFT) greedy text of PROMPT."""
     ids = smollm2_tokenizer.encode(PROMPT)

@@ -41,18 +41,6 @@ def base_url(ray_cluster, tiny_chat_model):
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                      timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def offline(tiny_chat_model):
     llm = LLM(tiny_chat_model, backend="inproc", max_model_len=MAX_MODEL_LEN)
     yield llm

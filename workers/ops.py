@@ -300,6 +300,40 @@ def _(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_s
     return torch.empty_like(q)
 
 
+# --------------------------------------------------------------------------- prefill-only attention
+
+
+@torch.library.custom_op("spmd::varlen_attention", mutates_args=())
+def _varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+) -> Tensor:
+    # One SDPA call per sequence, on exactly its own tokens: no padding, no mask, so a
+    # sequence's output never depends on what else is in the batch.
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1), is_causal=causal, scale=scale, enable_gqa=True)
+        out[start:end] = attn.transpose(0, 1)
+    if bounds[-1] < q.shape[0]:  # batch padding past the last sequence
+        out[bounds[-1]:] = 0
+    return out
+
+
+@_varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, causal):
+    return torch.empty_like(q)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -358,3 +392,13 @@ def paged_attention(
     return torch.ops.spmd.paged_attention(
         q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
     )
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                     scale: float, causal: bool) -> Tensor:
+    """Attention within each of a packed batch of whole sequences, no KV cache (prefill-only
+    models): sequence i owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` of ``q [T, nh, hd]``
+    and ``k, v [T, nkv, hd]`` and attends to all of them (``causal=False``, encoders) or to
+    those at or before each query (``causal=True``). GQA as in ``paged_attention``; tokens
+    past ``cu_seqlens[-1]`` (padding) come out zero. Returns ``[T, nh, hd]``."""
+    return torch.ops.spmd.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)

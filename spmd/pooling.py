@@ -83,7 +83,7 @@ class PoolerInfo:
                    normalize: bool | None) -> PoolerInfo:
         st = _sentence_transformers_config(folder) if folder else {}
         default_pooling = st.get("pooling") or ("mean" if is_encoder else "last")
-        default_normalize = st.get("normalize", not is_encoder)
+        default_normalize = st.get("normalize", True)  # vLLM normalizes embeddings by default
         dims = getattr(hf_config, "matryoshka_dimensions", None)
         return cls(pooling=pooling or default_pooling,
                    normalize=default_normalize if normalize is None else normalize,

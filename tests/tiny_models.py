@@ -65,3 +65,77 @@ def build_tiny(tmp_path, arch: str = "llama", seed: int = 0, **overrides) -> str
 def build_variant(tmp_path, variant: str) -> str:
     arch, overrides = VARIANTS[variant]
     return build_tiny(tmp_path, arch, **overrides)
+
+
+ENCODER_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, vocab_size=256, max_position_embeddings=130,
+                    hidden_act="gelu", layer_norm_eps=1e-12)
+
+
+def write_word_vocab(path: str, vocab_size: int) -> list[str]:
+    """A WordPiece vocabulary of ``vocab_size`` entries (BERT's special tokens first, then
+    made-up words), saved as ``vocab.txt`` with a ``BertTokenizerFast``; returns the words."""
+    from transformers import BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [f"w{i}" for i in range(vocab_size - len(special))]
+    vocab_file = f"{path}/vocab.txt"
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(special + words) + "\n")
+    BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True).save_pretrained(path)
+    return words
+
+
+def write_sentence_transformers(path: str, hidden_size: int, pooling: str = "mean",
+                                normalize: bool = True, max_seq_length: int | None = None) -> None:
+    """The files that make ``path`` a sentence-transformers folder (Transformer, Pooling,
+    optional Normalize)."""
+    import json
+    import os
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    with open(os.path.join(path, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": hidden_size,
+                   "pooling_mode_cls_token": pooling == "cls",
+                   "pooling_mode_mean_tokens": pooling == "mean",
+                   "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+                   "pooling_mode_lasttoken": pooling == "last"}, f)
+    if max_seq_length is not None:
+        with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+            json.dump({"max_seq_length": max_seq_length, "do_lower_case": False}, f)
+
+
+def build_tiny_encoder(tmp_path, arch: str = "bert", seed: int = 0, *, st_pooling: str | None = "mean",
+                       normalize: bool = True, **overrides) -> str:
+    """A random ``bert`` or ``xlm-roberta`` encoder with a WordPiece tokenizer, saved as a
+    sentence-transformers folder (unless ``st_pooling`` is None); returns its directory."""
+    from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
+
+    config_cls, model_cls = {"bert": (BertConfig, BertModel),
+                             "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel)}[arch]
+    kwargs = dict(ENCODER_TINY)
+    if arch == "xlm-roberta":  # positions count from pad_token_id + 1
+        kwargs.update(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+                      max_position_embeddings=ENCODER_TINY["max_position_embeddings"] + 2)
+    config = config_cls(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config, add_pooling_layer=False).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.02)
+    path = tempfile.mkdtemp(prefix=f"{arch}-", dir=str(tmp_path))
+    model.save_pretrained(path, safe_serialization=True)
+    write_word_vocab(path, config.vocab_size)
+    if st_pooling is not None:
+        write_sentence_transformers(path, config.hidden_size, st_pooling, normalize)
+    return path

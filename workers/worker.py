@@ -239,12 +239,20 @@ class Worker:
         seq_ids, seq_lens, token_ids = self._check_encode(msg)
         if len(seq_ids) == 0:
             return PoolerOutput(step_id=msg.step_id)
+        self._apply_fault()
         t_model = time.perf_counter()
         pooled = self._run_encoder(seq_lens, token_ids)
         t1 = time.perf_counter()
         return PoolerOutput(step_id=msg.step_id, seq_ids=msg.seq_ids, embeddings=pooled.tobytes(),
                             hidden_size=pooled.shape[1], model_time_s=t1 - t_model,
                             rank_time_s=t1 - t0)
+
+    def _apply_fault(self) -> None:
+        if self._fault is not None:
+            (kind, arg), self._fault = self._fault, None
+            if kind == "fail":
+                raise RuntimeError(arg)
+            time.sleep(arg)
 
     def _check_encode(self, msg: EncodeBatch):
         if self.config.task != "embed":
@@ -284,11 +292,8 @@ class Worker:
         for fill in msg.lora_slots:
             self._require_lora().fill_slot(fill.slot, fill.lora_id)
         self.batch.apply(msg)
-        if self._fault is not None and msg.scheduled_seq_ids:
-            (kind, arg), self._fault = self._fault, None
-            if kind == "fail":
-                raise RuntimeError(arg)
-            time.sleep(arg)
+        if msg.scheduled_seq_ids:
+            self._apply_fault()
         if not msg.scheduled_seq_ids:
             return SamplerOutput(step_id=msg.step_id)
         inputs = self.batch.prepare(msg)

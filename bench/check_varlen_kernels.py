@@ -141,7 +141,7 @@ def _time(result: Result, q, k, v, cu_seqlens, lens, scale, causal, sweep: bool)
         return lambda: triton_varlen.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale,
                                                       causal, config=config)
 
-    default = triton_varlen.varlen_config(max_seqlen, head_dim, q.dtype)
+    default = triton_varlen.varlen_config(head_dim, q.dtype)
     result.config = "x".join(map(str, (default.block_m, default.block_n, default.num_warps,
                                        default.num_stages)))
     result.kernel_us = _graph_us(kernel())

@@ -142,6 +142,19 @@ def _check_varlen(lens, num_heads, num_kv_heads, head_dim, dtype_name, causal, s
         torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
+def _check_batch_invariant(dtype_name, causal, device="cpu"):
+    """A sequence's output is bitwise the same alone and packed with others, longer ones too."""
+    from workers import triton_varlen
+
+    dtype = DTYPES[dtype_name]
+    q, k, v, cu_seqlens = _problem([300, 57, 1, 130], 4, 2, 64, dtype, 11, 2, False, device)
+    out = triton_varlen.varlen_attention(q, k, v, cu_seqlens, 300, 0.125, causal)
+    rows = slice(300, 357)
+    alone = torch.tensor([0, 57], dtype=torch.int32, device=device)
+    out_alone = triton_varlen.varlen_attention(q[rows], k[rows], v[rows], alone, 57, 0.125, causal)
+    assert torch.equal(out[rows], out_alone)
+
+
 def _check_registered():
     from workers import triton_varlen  # noqa: F401
 
@@ -189,6 +202,10 @@ def test_many_sequences_beyond_one_tile_of_lookup(interpreter):
     interpreter.run("_check_varlen", lens, 2, 1, 16, "float16", True, 9, 1)
 
 
+def test_batch_invariant(interpreter):
+    interpreter.run("_check_batch_invariant", "float16", True)
+
+
 def test_registered_for_cuda(interpreter):
     interpreter.run("_check_registered")
 
@@ -202,11 +219,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from workers import triton_varlen as T
 
     kernel = T._varlen_attention_kernel
-    for dtype, head_dim, max_seqlen, causal in [("bf16", 32, 256, False), ("bf16", 64, 4096, True),
-                                                ("fp16", 256, 512, True), ("fp32", 64, 512, False),
-                                                ("fp32", 128, 512, True)]:
-        torch_dtype = {"bf16": T.torch.bfloat16, "fp16": T.torch.float16, "fp32": T.torch.float32}
-        config = T.varlen_config(max_seqlen, head_dim, torch_dtype[dtype])
+    torch_dtypes = {"bf16": T.torch.bfloat16, "fp16": T.torch.float16, "fp32": T.torch.float32}
+    for dtype, head_dim, causal in [("bf16", 32, False), ("bf16", 64, True), ("bf16", 128, False),
+                                    ("fp16", 256, True), ("fp32", 64, False), ("fp32", 128, True)]:
+        config = T.varlen_config(head_dim, torch_dtypes[dtype])
         constexprs = {"GROUP": 2, "HEAD_DIM": head_dim, "HD_PAD": head_dim, "SEQS_PAD": 64,
                       "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "CAUSAL": causal,
                       "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
@@ -250,6 +266,13 @@ def test_cuda_matches_cpu_op(dtype, causal, num_heads, num_kv_heads, head_dim):
                   padding_tokens=5, device="cuda")
     _check_varlen(lens, num_heads, num_kv_heads, head_dim, dtype, causal, seed=head_dim + 1,
                   padding_tokens=0, fused_qkv=True, device="cuda")
+
+
+@cuda_only
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cuda_batch_invariant(dtype, causal):
+    _check_batch_invariant(dtype, causal, device="cuda")
 
 
 @cuda_only

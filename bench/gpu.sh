@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One whole GPU measurement per call on a lent device machine (see README, Benchmarks).
 #
-#   bash bench/gpu.sh smoke   # kernels vs float64 + opcheck, fp32 tiny parity, a short 7B run
+#   bash bench/gpu.sh smoke   # kernels (and varlen attention) vs float64, fp32 tiny parity, short 7B
 #   bash bench/gpu.sh tp1     # nvidia-h100-x1: fp32 parity; 7B dummy 512 prompts, dag/inproc/ray/hf
 #   bash bench/gpu.sh tp1b    # nvidia-h100-x1: 7B dummy 1000 prompts (dag), profile
 #   bash bench/gpu.sh tp2     # nvidia-h200-x2: parity + logits at tp=1/2, 7B dag/ray at tp=2
@@ -23,6 +23,7 @@ mode=${1:-smoke}
 case $mode in
   smoke)
     run kernels python3 -m bench.check_kernels
+    run varlen_kernels python3 -m bench.check_varlen_kernels --json-out "$OUT/varlen_kernels.json"
     run parity python3 -m bench.gpu_check --tiny --tp 1
     thru smoke --num-prompts 128 --backends dag
     ;;

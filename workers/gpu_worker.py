@@ -56,6 +56,7 @@ class GPUMixin:
         self.device = torch.device("cuda", 0)
         self.init_thread()
         import workers.triton_ops  # noqa: F401  (registers the CUDA kernels of the spmd ops)
+        import workers.triton_varlen  # noqa: F401  (and of spmd::varlen_attention)
 
         cfg = self.config
         if cfg.tp_size > 1:

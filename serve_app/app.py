@@ -81,7 +81,7 @@ def _input_error(err: ValueError, index: int | None) -> APIError:
     field, sep, rest = message.partition(": ")
     if sep and field in ("dimensions", "truncate_prompt_tokens"):
         return APIError(400, message, param=field)
-    if sep and field in ("prompt", "prompt_token_ids"):  # the engine's name for the input
+    if sep and field in ("input", "prompt", "prompt_token_ids"):  # the engine's names for it
         message = rest
     where = "input" if index is None else f"input[{index}]"
     return APIError(400, f"{where}: {message}", param="input")

@@ -31,7 +31,8 @@ TEXTS = ["the cat sat on the mat", "a quick brown fox", "blue", "the sky at nigh
 
 
 def _tiny_bert(root) -> str:
-    """A random 2-layer BERT and a word-level WordPiece tokenizer of ``WORDS``."""
+    """A random 2-layer BERT (Matryoshka: ``dimensions`` 8 or 16 allowed) and a word-level
+    WordPiece tokenizer of ``WORDS``."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -44,7 +45,7 @@ def _tiny_bert(root) -> str:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=MAX_POSITIONS)
+                        max_position_embeddings=MAX_POSITIONS, matryoshka_dimensions=[8, 16, 32])
     BertModel(config).eval().save_pretrained(path)
     return path
 
@@ -221,15 +222,28 @@ def test_concurrent_requests_equal_offline(client, offline):
 
 
 @pytest.mark.slow
-def test_truncate_prompt_tokens(client, offline, tokenizer):
-    long = " ".join(WORDS * 4)  # past max_model_len
-    resp = client.embeddings.create(model=MODEL, input=long,
+def test_truncate_prompt_tokens(client, offline):
+    from spmd import PoolingParams
+
+    long = _long_input()  # past max_model_len
+    resp = client.embeddings.create(model=MODEL, input=[long, "blue"],
                                     extra_body={"truncate_prompt_tokens": 10})
-    assert resp.usage.prompt_tokens == 10
-    ids = tokenizer(long)["input_ids"]
-    # vLLM's truncation keeps the last tokens
-    expected = _offline(offline, [{"prompt_token_ids": ids[-10:]}])
+    assert resp.usage.prompt_tokens == 10 + 3  # "blue" is [CLS] blue [SEP]
+    params = PoolingParams(truncate_prompt_tokens=10)
+    expected = np.array([o.outputs.embedding for o in offline.embed(
+        [long, "blue"], pooling_params=params, use_tqdm=False)])
     np.testing.assert_allclose(_vectors(resp), expected, rtol=0, atol=1e-6)
+    whole = client.embeddings.create(model=MODEL, input=long,
+                                     extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == MAX_POSITIONS
+
+
+@pytest.mark.slow
+def test_matryoshka_dimensions(client, offline):
+    full = _offline(offline, TEXTS[:2])
+    resp = client.embeddings.create(model=MODEL, input=TEXTS[:2], dimensions=8)
+    assert _vectors(resp).shape == (2, 8)
+    np.testing.assert_allclose(_vectors(resp), full[:, :8], rtol=0, atol=1e-6)  # not normalized
 
 
 def _long_input():
@@ -254,12 +268,16 @@ BAD = [  # (body, param, words the message must contain)
     ({"input": [[1, 2], [2 ** 64]]}, "input", ["input[1]"]),
     ({"input": _long_input()}, "input", [str(MAX_POSITIONS), str(len(WORDS) * 4 + 2)]),
     ({"input": ["blue", _long_input()]}, "input", ["input[1]", str(MAX_POSITIONS)]),
-    ({"input": "a", "dimensions": 8}, "dimensions", []),  # the tiny BERT is not Matryoshka
-    ({"input": "a", "dimensions": 10 ** 6}, "dimensions", []),
+    ({"input": "a", "dimensions": 12}, "dimensions", ["8, 16, 32"]),
+    ({"input": "a", "dimensions": 64}, "dimensions", ["64", "32"]),
+    ({"input": "a", "dimensions": 0}, "dimensions", []),
     ({"input": "a", "dimensions": "8"}, "dimensions", []),
     ({"input": "a", "encoding_format": "hex"}, "encoding_format", ["float", "base64"]),
     ({"input": "a", "encoding_format": None}, "encoding_format", []),
     ({"input": "a", "truncate_prompt_tokens": "3"}, "truncate_prompt_tokens", []),
+    ({"input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", []),
+    ({"input": "a", "truncate_prompt_tokens": 10 ** 4}, "truncate_prompt_tokens",
+     [str(MAX_POSITIONS)]),
     ({"input": "a", "user": 5}, "user", []),
     ({"input": "hi \ud800 there"}, "input", ["surrogate"]),
 ]
@@ -381,6 +399,8 @@ def test_minilm_equals_sentence_transformers(minilm_client):
     floats = minilm_client.embeddings.create(model=MINILM, input=texts[:4],
                                              encoding_format="float")
     np.testing.assert_allclose(_vectors(floats), got[1:5], rtol=0, atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="dimensions: .*Matryoshka"):
+        minilm_client.embeddings.create(model=MINILM, input="hi", dimensions=8)
 
 
 # ---- a decoder served as an embedder --------------------------------------------------
@@ -403,3 +423,5 @@ def test_a_decoder_serves_embeddings_with_task_embed(serve_port, tiny_dir):
     np.testing.assert_allclose(_vectors(resp), expected, rtol=0, atol=1e-6)
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         client.completions.create(model="dec", prompt=[1, 2, 3])
+    with pytest.raises(openai.BadRequestError, match="dimensions: .*Matryoshka"):
+        client.embeddings.create(model="dec", input=ids, dimensions=8)

@@ -3,6 +3,7 @@ pushes each step's bytes to every rank at once."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -66,17 +67,29 @@ class CompiledGraphTransport(Transport):
         ray.get(refs, timeout=self.step_timeout_s)
 
     def _run(self, data: bytes, expected_s: float = 0.0) -> list:
+        return self._get(self._execute(data), expected_s)
+
+    def _execute(self, data: bytes):
         if self._closed:
             raise TransportClosed("the compiled graph was shut down or failed earlier")
-        try:
+        with self._failures():
             if self._parked is not None:
                 self._unpark()
-            refs = self.graph.execute(data)
+            return self.graph.execute(data)
+
+    def _get(self, refs, expected_s: float = 0.0) -> list:
+        with self._failures():
             if expected_s > 0:
                 # ray.get spins on the channel; sleeping through most of the step
                 # leaves the cores to the ranks.
                 time.sleep(expected_s)
             return ray.get(refs, timeout=self.step_timeout_s)
+
+    @contextlib.contextmanager
+    def _failures(self):
+        """Turns Ray's errors into a ``RankFailure`` naming the ranks."""
+        try:
+            yield
         except ray.exceptions.RayTaskError as e:
             # An exception a rank raised (its message names the rank); the graph lives on,
             # unless a peer died under it: then the collective failed on the survivors.
@@ -100,6 +113,12 @@ class CompiledGraphTransport(Transport):
             failed = dead or stuck
             raise RankFailure(f"rank(s) {failed} failed ({self.group.where(failed)}): "
                               f"{type(e).__name__}: {_cause(e)}", failed, fatal=True) from None
+
+    def submit(self, data: bytes) -> object:
+        return self._execute(data)
+
+    def fetch(self, handle: object, expected_s: float = 0.0) -> bytes:
+        return self._get(handle, expected_s)[0]
 
     def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
         return self._run(data, expected_s)[0]

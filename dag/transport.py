@@ -21,6 +21,16 @@ class Transport(abc.ABC):
         the engine's guess of the step's duration (a transport may sleep through
         most of it rather than spin)."""
 
+    def submit(self, data: bytes) -> object:
+        """Starts a step without waiting for it; ``fetch`` returns its answer. Steps are
+        fetched in submission order; a transport that cannot overlap steps runs it at
+        ``fetch`` (this default)."""
+        return data
+
+    def fetch(self, handle: object, expected_s: float = 0.0) -> bytes:
+        """Rank 0's answer to a submitted step (``expected_s`` as in ``step``)."""
+        return self.step(handle, expected_s)
+
     @abc.abstractmethod
     def call_all(self, data: bytes) -> list[bytes]:
         """Broadcasts one call; returns every rank's answer, rank order."""

@@ -34,3 +34,6 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     cuda_graph_max_batch_size: int = 512  # GPU: largest decode batch captured in a graph
     max_loras: int = 0  # LoRA device slots; 0: LoRA off
     max_lora_rank: int = 16
+    task: str = "generate"  # generate | embed (prefill only: no KV cache, pooled outputs)
+    causal: bool = True  # embed with a decoder: False attends both ways (enable_bidirectional)
+    pooling: str = "mean"  # embed: mean | cls | last, over each sequence's final hidden states

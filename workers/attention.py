@@ -46,6 +46,21 @@ class StaticAttentionMetadata:
     max_seq_len: int  # L
 
 
+@dataclass
+class VarlenMetadata:
+    """A packed batch of whole sequences and no KV cache (prefill-only models): sequence
+    ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; ``causal`` False lets every token
+    attend to its whole sequence (encoders, bidirectional decoders)."""
+
+    cu_seqlens: torch.Tensor  # [S + 1] int32
+    max_seqlen: int
+    causal: bool
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_seqlen
+
+
 class Attention(nn.Module):
     """Writes this step's keys/values into the paged cache, then attends over it."""
 
@@ -63,6 +78,13 @@ class Attention(nn.Module):
         if isinstance(meta, StaticAttentionMetadata):
             return self._static(q, k, v, kv_cache, meta)
         num_tokens = q.shape[0]
+        if isinstance(meta, VarlenMetadata):
+            out = ops.varlen_attention(
+                q.reshape(num_tokens, self.num_heads, self.head_dim),
+                k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+                v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+                meta.cu_seqlens, meta.max_seqlen, self.scale, meta.causal)
+            return out.reshape(num_tokens, self.num_heads * self.head_dim)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)

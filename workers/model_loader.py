@@ -52,11 +52,13 @@ def validate_tp(hf_config, tp_size: int) -> None:
     if tp_size < 1:
         raise ValueError(f"tensor_parallel_size={tp_size} must be >= 1")
     for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(hf_config, field)
+        # Encoders (BERT) have no separate key/value head count.
+        value = getattr(hf_config, field, None) or hf_config.num_attention_heads
         if value % tp_size:
             raise ValueError(f"tensor_parallel_size={tp_size} must divide {field}={value} "
                              f"(num_attention_heads={hf_config.num_attention_heads}, "
-                             f"num_key_value_heads={hf_config.num_key_value_heads})")
+                             f"num_key_value_heads="
+                             f"{getattr(hf_config, 'num_key_value_heads', None)})")
 
 
 def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, tp_size: int,
@@ -77,7 +79,9 @@ def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, t
         with torch.device(device):
             net = model_cls(hf_config, tp_rank, tp_size, dtype)
         if load_format == "dummy":
-            net.load_weights(iter_dummy_weights(hf_config, seed, dtype, device))
+            net.load_weights(iter_dummy_weights(hf_config, seed, dtype, device,
+                                                getattr(model_cls, "hf_auto_class",
+                                                        "AutoModelForCausalLM")))
         elif load_format == "gguf":
             net.load_weights(iter_gguf_weights(os.path.join(folder, gguf_file), hf_config, dtype))
         else:
@@ -86,7 +90,8 @@ def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, t
 
 
 def iter_dummy_weights(hf_config, seed: int, dtype: torch.dtype,
-                       device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+                       device: torch.device | str = "cpu",
+                       auto_class: str = "AutoModelForCausalLM") -> Iterator[tuple[str, torch.Tensor]]:
     """Random HF-named full tensors, one at a time: N(0, 0.02) (norm weights 1), each
     drawn from a generator seeded by ``seed`` and its name, and rounded to bfloat16.
 
@@ -94,12 +99,12 @@ def iter_dummy_weights(hf_config, seed: int, dtype: torch.dtype,
     any tensor-parallel size; bfloat16 rounding makes a float32 run an exact-weights,
     higher-precision reference for a bfloat16 one.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        names_only = AutoModelForCausalLM.from_config(hf_config)
+        names_only = getattr(transformers, auto_class).from_config(hf_config)
     for name, meta in names_only.state_dict().items():
-        if name.endswith("norm.weight"):
+        if name.lower().endswith("norm.weight"):
             yield name, torch.ones(meta.shape, dtype=dtype, device=device)
             continue
         gen = torch.Generator(device=device).manual_seed(

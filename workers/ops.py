@@ -317,13 +317,15 @@ def _varlen_attention(
     # sequence's output never depends on what else is in the batch.
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
+    # SDPA's fused CPU kernel takes 4-D inputs and no enable_gqa (else: its slow math path).
+    gqa = k.shape[1] != q.shape[1]
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
         attn = torch.nn.functional.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1), is_causal=causal, scale=scale, enable_gqa=True)
-        out[start:end] = attn.transpose(0, 1)
+            q[None, start:end].transpose(1, 2), k[None, start:end].transpose(1, 2),
+            v[None, start:end].transpose(1, 2), is_causal=causal, scale=scale, enable_gqa=gqa)
+        out[start:end] = attn[0].transpose(0, 1)
     if bounds[-1] < q.shape[0]:  # batch padding past the last sequence
         out[bounds[-1]:] = 0
     return out

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from serialization import (
+    EncodeBatch,
     ExecuteModelRequest,
+    PoolerOutput,
     RankCall,
     RankConfig,
     RankReply,
@@ -26,8 +28,9 @@ from serialization import (
     encode,
     pack_f32,
     pack_i32,
+    unpack_i32,
 )
-from workers.attention import AttentionMetadata
+from workers.attention import AttentionMetadata, VarlenMetadata
 from workers.input_batch import InputBatch, StepInputs
 from workers.layers.lora import LoRAMapping
 from workers.lora import RankLoRA
@@ -96,7 +99,7 @@ class Worker:
             msg = decode_rank_input(data)
             if isinstance(msg, RankCall):
                 return encode(RankReply(self.tp_rank, self._call(msg)))
-            out = self._step(msg)
+            out = self._encode(msg) if isinstance(msg, EncodeBatch) else self._step(msg)
             return encode(out) if self.tp_rank == 0 else None
         except Exception as e:
             raise RankError(f"rank {self.tp_rank}: {type(e).__name__}: {e}\n"
@@ -228,6 +231,51 @@ class Worker:
         time.sleep(seconds)
         return True
 
+    # ---- one prefill-only step (embeddings) ------------------------------------------
+
+    def _encode(self, msg: EncodeBatch) -> PoolerOutput:
+        """Runs whole prompts once and pools each; nothing is kept for the next step."""
+        t0 = time.perf_counter()
+        seq_ids, seq_lens, token_ids = self._check_encode(msg)
+        if len(seq_ids) == 0:
+            return PoolerOutput(step_id=msg.step_id)
+        t_model = time.perf_counter()
+        pooled = self._run_encoder(seq_lens, token_ids)
+        t1 = time.perf_counter()
+        return PoolerOutput(step_id=msg.step_id, seq_ids=msg.seq_ids, embeddings=pooled.tobytes(),
+                            hidden_size=pooled.shape[1], model_time_s=t1 - t_model,
+                            rank_time_s=t1 - t0)
+
+    def _check_encode(self, msg: EncodeBatch):
+        if self.config.task != "embed":
+            raise ValueError("EncodeBatch: this rank serves task='generate'")
+        seq_ids, seq_lens = unpack_i32(msg.seq_ids), unpack_i32(msg.seq_lens)
+        token_ids = unpack_i32(msg.token_ids)
+        if len(seq_ids) != len(seq_lens) or int(seq_lens.sum()) != len(token_ids):
+            raise ValueError(f"EncodeBatch: {len(seq_ids)} seq_ids, {len(seq_lens)} seq_lens "
+                             f"summing to {int(seq_lens.sum())}, {len(token_ids)} token_ids")
+        if len(seq_lens) and (seq_lens.min() < 1 or seq_lens.max() > self.config.max_model_len):
+            raise ValueError(f"EncodeBatch.seq_lens: outside 1..max_model_len="
+                             f"{self.config.max_model_len}")
+        vocab = self.model.config.vocab_size
+        if len(token_ids) and (token_ids.min() < 0 or token_ids.max() >= vocab):
+            raise ValueError(f"EncodeBatch.token_ids: outside [0, {vocab})")
+        return seq_ids, seq_lens, token_ids
+
+    @torch.inference_mode()
+    def _run_encoder(self, seq_lens: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        """Float32 ``[S, hidden]``: each sequence's final hidden states, pooled."""
+        dev = self.device
+        cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+        np.cumsum(seq_lens, out=cu[1:])
+        positions = np.arange(len(token_ids), dtype=np.int64) - np.repeat(cu[:-1], seq_lens)
+        meta = VarlenMetadata(torch.from_numpy(cu).to(dev), int(seq_lens.max()),
+                              causal=self.config.causal and not getattr(self.model, "is_encoder", False))
+        hidden = self.model(torch.from_numpy(token_ids.astype(np.int64)).to(dev),
+                            torch.from_numpy(positions).to(dev), meta, None)
+        return pool(hidden, meta.cu_seqlens, torch.from_numpy(seq_lens.copy()).to(dev),
+                    self.config.pooling).cpu().numpy()
+
     # ---- one step -----------------------------------------------------------------
 
     def _step(self, msg: ExecuteModelRequest) -> SamplerOutput:
@@ -325,6 +373,22 @@ class Worker:
             )
         return SamplerOutput(step_id=step_id, seq_ids=pack_i32(seq_ids), token_ids=sampled.tobytes(),
                              model_time_s=model_time_s, rank_time_s=rank_time_s, **fields)
+
+
+def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor,
+         pooling: str) -> torch.Tensor:
+    """Float32 ``[S, hidden]`` from a packed ``hidden [T, hidden]``: each sequence's mean
+    (summed in float32), first (CLS) or last token."""
+    if pooling == "cls":
+        return hidden[cu_seqlens[:-1].long()].float()
+    if pooling == "last":
+        return hidden[cu_seqlens[1:].long() - 1].float()
+    assert pooling == "mean", pooling
+    seq_index = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device),
+                                        seq_lens.long(), output_size=hidden.shape[0])
+    sums = torch.zeros(len(seq_lens), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, seq_index, hidden.float())
+    return sums / seq_lens[:, None].float()
 
 
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from workers.models.bert import BertModel, RobertaModel
 from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    # Encoders (embeddings only); task heads are skipped when their checkpoints load.
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertModel,
+    "BertForPreTraining": BertModel,
+    "RobertaModel": RobertaModel,
+    "RobertaForMaskedLM": RobertaModel,
+    "XLMRobertaModel": RobertaModel,
+    "XLMRobertaForMaskedLM": RobertaModel,
 }
 
 # GGUF-derived configs carry model_type but no architectures.
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 
 
 def get_model_class(hf_config) -> type:

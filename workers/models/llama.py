@@ -111,6 +111,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, meta, kv_caches, lora=None):
         hidden = self.embed_tokens(input_ids)
         residual = None
+        if kv_caches is None:  # prefill only (an embedder): attention needs no cache
+            kv_caches = [None] * len(self.layers)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, lora)
         hidden, _ = self.norm(hidden, residual)

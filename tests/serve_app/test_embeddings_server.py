@@ -410,12 +410,12 @@ def test_a_decoder_serves_embeddings_with_task_embed(serve_port, tiny_dir):
     from spmd import LLM
 
     model = tiny_dir("llama")
-    url = _run("decoder", {"model": model, "task": "embed", "served_model_name": "dec"},
-               serve_port)
+    url = _run("decoder", {"model": model, "task": "embed", "served_model_name": "dec",
+                           "skip_tokenizer_init": "true"}, serve_port)  # no tokenizer: ids
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     ids = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]
     resp = client.embeddings.create(model="dec", input=ids)
-    llm = LLM(model, task="embed", backend="inproc")
+    llm = LLM(model, task="embed", backend="inproc", skip_tokenizer_init=True)
     try:
         expected = _offline(llm, [{"prompt_token_ids": x} for x in ids])
     finally:

@@ -38,13 +38,17 @@ from serve_app.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     UnloadLoRAAdapterRequest,
 )
 from serve_app.streams import Deltas, EngineStreams, sse, usage
-from spmd import AsyncEngine, RequestOutput, SamplingParams
+from spmd import AsyncEngine, PoolingParams, RequestOutput, SamplingParams
 from spmd.async_engine import EngineDeadError, LoRANotFoundError
 from spmd.lora import LoRAInUseError, LoRARequest
 
@@ -61,6 +65,26 @@ def _sampling_params(req) -> SamplingParams:
         return req.sampling_params()
     except ValueError as e:
         raise bad_value(e) from None
+
+
+def _pooling_params(req: EmbeddingRequest) -> PoolingParams:
+    try:
+        return req.pooling_params()
+    except ValueError as e:
+        raise bad_value(e) from None
+
+
+def _input_error(err: ValueError, index: int | None) -> APIError:
+    """A 400 for the engine's ``ValueError`` about one input of an embeddings request:
+    named as the request names it (``input``, ``input[i]``), unless it is about a field."""
+    message = str(err)
+    field, sep, rest = message.partition(": ")
+    if sep and field in ("dimensions", "truncate_prompt_tokens"):
+        return APIError(400, message, param=field)
+    if sep and field in ("input", "prompt", "prompt_token_ids"):  # the engine's names for it
+        message = rest
+    where = "input" if index is None else f"input[{index}]"
+    return APIError(400, f"{where}: {message}", param="input")
 
 
 def _json(body: BaseModel) -> Response:
@@ -119,6 +143,10 @@ class LLMServer:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._handle("/v1/chat/completions", request, self._chat)
+
+    @fastapi_app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        return await self._handle("/v1/embeddings", request, self._embeddings)
 
     @fastapi_app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request):
@@ -224,6 +252,7 @@ class LLMServer:
 
     async def _completions(self, request: Request) -> Response:
         req = self._parse(CompletionRequest, await self._read_json(request))
+        self._check_generates("/v1/completions")
         lora = self._model(req.model)
         params = _sampling_params(req)
         if req.echo and self.engine.tokenizer is None:
@@ -273,6 +302,7 @@ class LLMServer:
 
     async def _chat(self, request: Request) -> Response:
         req = self._parse(ChatCompletionRequest, await self._read_json(request))
+        self._check_generates("/v1/chat/completions")
         lora = self._model(req.model)
         params = _sampling_params(req)
         prompt = self._render_chat(req)
@@ -307,7 +337,55 @@ class LLMServer:
         if req.include_usage:
             yield ChatCompletionChunk(**head, choices=[], usage=deltas.usage())
 
+    async def _embeddings(self, request: Request) -> Response:
+        req = self._parse(EmbeddingRequest, await self._read_json(request))
+        lora = self._model(req.model)
+        if self.engine.task != "embed":
+            raise APIError(400, f"/v1/embeddings: the model {self.model_name!r} is served for "
+                           "generation; start the server with task=embed to serve embeddings "
+                           "from it", param="model")
+        if lora is not None:
+            raise APIError(400, f"model: {lora.lora_name!r} is a LoRA adapter; embeddings come "
+                           f"from the served model {self.model_name!r}", param="model")
+        params = _pooling_params(req)
+        request_id = f"embd-{uuid.uuid4().hex}"
+        outs = await self._embed_all(request_id, req.inputs(), params)
+        tokens = sum(len(out.prompt_token_ids) for out in outs)
+        self.metrics.embedding_inputs.inc(len(outs))
+        self.metrics.prompt_tokens.inc(tokens)
+        data = [EmbeddingData.build(i, out.outputs.embedding, req.encoding_format)
+                for i, out in enumerate(outs)]
+        return _json(EmbeddingResponse(id=request_id, created=int(time.time()),
+                                       model=self.model_name, data=data,
+                                       usage=EmbeddingUsage(prompt_tokens=tokens,
+                                                            total_tokens=tokens)))
+
+    async def _embed_all(self, request_id: str, inputs: list, params: PoolingParams) -> list:
+        """Every input at once, so that they batch together; the first refused one is a
+        400 naming it, and the rest are cancelled."""
+        ids = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}"
+                                                     for i in range(len(inputs))]
+        tasks = [asyncio.ensure_future(self.engine.embed(p, params, rid))
+                 for p, rid in zip(inputs, ids)]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException as e:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if isinstance(e, ValueError):
+                index = next(i for i, t in enumerate(tasks) if not t.cancelled()
+                             and isinstance(t.exception(), ValueError))
+                raise _input_error(tasks[index].exception(),
+                                   None if len(inputs) == 1 else index) from None
+            raise
+
     # ---- request helpers ------------------------------------------------------------
+
+    def _check_generates(self, endpoint: str) -> None:
+        if self.engine.task == "embed":
+            raise APIError(400, f"{endpoint}: the model {self.model_name!r} is an embedding "
+                           "model (task=embed); use /v1/embeddings", param="model")
 
     def _authorize(self, request: Request) -> None:
         key = self.options.api_key

@@ -21,6 +21,9 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("spmd_prompt_tokens", "Prompt tokens of finished or aborted "
                                      "requests", registry=r)
+        self.embedding_inputs = Counter("spmd_embedding_inputs", "Inputs embedded (a string or "
+                                        "a token-id list each; their tokens count as prompt "
+                                        "tokens)", registry=r)
         self.generation_tokens = Counter("spmd_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("spmd_time_to_first_token_seconds", "Request arrival to its first "
                               "token", buckets=_LATENCY_BUCKETS_S, registry=r)

@@ -12,6 +12,9 @@ from serve_app.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    MAX_EMBEDDING_INPUTS,
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
@@ -22,6 +25,7 @@ _REF = "#/components/schemas/{model}"
 _BODIES: dict[str, tuple[type[BaseModel], type[BaseModel] | None]] = {
     "/v1/completions": (CompletionRequest, CompletionResponse),
     "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
+    "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
     "/v1/load_lora_adapter": (LoadLoRAAdapterRequest, None),
     "/v1/unload_lora_adapter": (UnloadLoRAAdapterRequest, None),
 }
@@ -34,6 +38,7 @@ _ERRORS = {
     413: "Request body larger than max_body_bytes",
     503: "The engine is unavailable (restarting or shutting down)",
 }
+_STREAMS = {"/v1/completions", "/v1/chat/completions"}  # stream=true answers text/event-stream
 _ERRORS_OF = {  # the statuses an endpoint answers, where not 400, 401, 404, 413, 503
     "/v1/load_lora_adapter": (400, 401, 413, 503),
     "/v1/unload_lora_adapter": (400, 401, 404, 409, 413, 503),
@@ -48,6 +53,19 @@ _PROMPT = {
         {"type": "array", "items": {"type": "integer"}, "minItems": 1},
         {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
          "minItems": 1},
+    ],
+}
+
+# The same for EmbeddingRequest's ``input`` (text must not be empty; OpenAI's limit on inputs).
+_INPUT = {
+    "title": "Input",
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+         "maxItems": MAX_EMBEDDING_INPUTS},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+         "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
     ],
 }
 
@@ -102,8 +120,9 @@ def _with_bodies(schema: dict) -> dict:
             ok = {"text/plain": {"schema": {"type": "string"}}}
         else:
             ok = {"application/json": {"schema": {"$ref": _REF.format(
-                model=_component(components, response, "serialization"))}},
-                "text/event-stream": {"schema": {"type": "string"}}}  # stream=true
+                model=_component(components, response, "serialization"))}}}
+            if path in _STREAMS:
+                ok["text/event-stream"] = {"schema": {"type": "string"}}
         operation["responses"] = {"200": {"description": "Successful Response", "content": ok},
                                   **{str(s): errors[str(s)] for s in statuses}}
     return schema
@@ -115,6 +134,8 @@ def _component(components: dict, model: type[BaseModel], mode: str) -> str:
     _add_components(components, body.pop("$defs", {}))
     if model is CompletionRequest and body["properties"].get("prompt") == {"title": "Prompt"}:
         body["properties"]["prompt"] = _PROMPT
+    if model is EmbeddingRequest and body["properties"].get("input") == {"title": "Input"}:
+        body["properties"]["input"] = _INPUT
     _add_components(components, {model.__name__: body})
     return model.__name__
 

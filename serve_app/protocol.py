@@ -1,13 +1,17 @@
 """Request and response bodies of the OpenAI API (the subset we serve), and the
-translations between them and the engine's ``SamplingParams`` / log-probs."""
+translations between them and the engine's ``SamplingParams`` / ``PoolingParams`` /
+log-probs."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spmd import Logprob, SamplingParams
+from spmd import Logprob, PoolingParams, SamplingParams
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -198,6 +202,56 @@ class UnloadLoRAAdapterRequest(_Request):
         return self
 
 
+MAX_EMBEDDING_INPUTS = 2048  # per request, as OpenAI's embeddings endpoint
+
+
+class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings``: OpenAI's fields, and vLLM's ``truncate_prompt_tokens``."""
+
+    model: str | None = None
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, v):
+        def token_ids(x):
+            return isinstance(x, list) and all(type(t) is int for t in x)
+
+        if isinstance(v, list) and v and token_ids(v):
+            return v  # one input of token ids
+        items = [v] if isinstance(v, str) else v
+        if not (isinstance(items, list) and all(isinstance(x, str) or token_ids(x)
+                                                for x in items)):
+            raise ValueError("must be a string, a list of strings, a list of token ids or a "
+                             "list of token-id lists")
+        if not items:
+            raise ValueError("must not be an empty list")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(items)} inputs exceed the limit of {MAX_EMBEDDING_INPUTS} "
+                             "per request")
+        for i, x in enumerate(items):
+            if not x:
+                what = "an empty string" if isinstance(x, str) else "an empty list of token ids"
+                raise ValueError(f"must not be {what}" if isinstance(v, str)
+                                 else f"entry {i} is {what}")
+        return v
+
+    def inputs(self) -> list[str | dict]:
+        """One engine prompt per entry: text, or ``{"prompt_token_ids": [...]}``."""
+        v = self.input
+        if isinstance(v, str) or type(v[0]) is int:
+            v = [v]
+        return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in v]
+
+    def pooling_params(self) -> PoolingParams:
+        return PoolingParams(dimensions=self.dimensions,
+                             truncate_prompt_tokens=self.truncate_prompt_tokens)
+
+
 # ---- responses ---------------------------------------------------------------------
 
 class UsageInfo(BaseModel):
@@ -313,6 +367,33 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # encoding_format "base64": little-endian float32 bytes
+
+    @classmethod
+    def build(cls, index: int, embedding: list[float], encoding_format: str) -> EmbeddingData:
+        if encoding_format == "base64":
+            raw = np.asarray(embedding, dtype="<f4").tobytes()
+            return cls(index=index, embedding=base64.b64encode(raw).decode("ascii"))
+        return cls(index=index, embedding=embedding)
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -340,6 +340,13 @@ def test_unknown_model_is_404(client, http):
     _error(http.get("/v1/no-such-route"), 404)
 
 
+def test_embeddings_on_a_generation_model_is_400(client, http):
+    err = _error(http.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}), 400)
+    assert err["param"] == "model" and "task=embed" in err["message"]
+    with pytest.raises(openai.BadRequestError, match="task=embed"):
+        client.embeddings.create(model=MODEL, input=["hi", "there"])
+
+
 def test_missing_or_wrong_api_key_is_401(base_url):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):

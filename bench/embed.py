@@ -178,7 +178,7 @@ def run_st(path: str, texts: list[str], args) -> list[tuple[dict, np.ndarray]]:
         runs.append((dict(backend="st", batch_size=batch_size, startup_s=startup_s, warmup_s=warmup_s,
                           elapsed_s=elapsed_s), emb.astype(np.float32)))
         startup_s = 0.0
-    del model
+    model = None  # frees it (and the device memory) before the spmd runs
     return runs
 
 

@@ -9,7 +9,6 @@ outputs over NaN-poisoned memory, opcheck and a CUDA-graph replay with new seque
 """
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from tests.triton_interpreter import interpreter_fixture  # noqa: E402
 from workers import ops  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,54 +27,7 @@ _CUDA = torch.cuda.is_available()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REL_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
-# The checks run in one child process started with TRITON_INTERPRET=1 (the interpreter is picked
-# when @triton.jit decorates a function, so it must be set before triton is imported).
-_SERVER = textwrap.dedent("""
-    import importlib.util, json, sys, traceback
-    import triton.runtime.interpreter as interpreter
-
-    def _patch_lang_tensor(tensor, scope, _patch=interpreter._patch_lang_tensor):
-        _patch(tensor, scope)
-        # Scalars are 1-element arrays in the interpreter, and numpy >= 2.4 refuses int() of
-        # those, which breaks loops with tensor bounds (range(start, seq_len, BLOCK)).
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = _patch_lang_tensor
-    spec = importlib.util.spec_from_file_location("_varlen_interpreter_checks", sys.argv[1])
-    checks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checks)
-    for line in sys.stdin:
-        name, args = json.loads(line)
-        try:
-            getattr(checks, name)(*args)
-            reply = "ok"
-        except BaseException:
-            reply = traceback.format_exc()
-        print(json.dumps(reply), flush=True)
-""")
-
-
-class _Interpreter:
-    def __init__(self):
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, __file__], cwd=_ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def run(self, check: str, *args):
-        self.proc.stdin.write(json.dumps([check, args]) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, "the interpreter process died"
-        reply = json.loads(reply)
-        assert reply == "ok", reply
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    server = _Interpreter()
-    yield server
-    server.proc.stdin.close()
-    server.proc.wait(timeout=30)
+interpreter = interpreter_fixture(__file__)
 
 
 # --------------------------------------------------------------------------- shared checks

@@ -104,7 +104,7 @@ class LLM:
                       for p in params]
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(self.engine.inputs.pretokenize(prompts, params), params):
                 request_id = str(next(self._ids))
                 self.engine.add_pooling_request(request_id, prompt, p)
                 ids.append(request_id)

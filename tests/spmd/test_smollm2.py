@@ -22,9 +22,7 @@ def gguf():
     return path
 
 
-def test_greedy_equals_transformers_and_knows_paris(ray_cluster, gguf):
-    from transformers import AutoModelForCausalLM
-
+def test_greedy_equals_transformers_and_knows_paris(ray_cluster, gguf, smollm2_hf):
     llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=512)
     try:
         tok = llm.get_tokenizer()
@@ -34,8 +32,7 @@ def test_greedy_equals_transformers_and_knows_paris(ray_cluster, gguf):
                             use_tqdm=False)
     finally:
         llm.shutdown()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                              dtype=torch.float32).eval()
+    hf = smollm2_hf
     hf.generation_config.eos_token_id = None
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([tok.encode(prompt)])

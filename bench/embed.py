@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from bench.random_bert import SHAPES, build_random_bert
-from bench.throughput import _dtype_name, emit_json, machine_info
+from bench.throughput import _dtype_name, emit_json, machine_info, run_cli
 
 BACKENDS = ("spmd", "st")
 DEFAULT_BATCHED_TOKENS = 16384  # the engine's (and TEI's) default for task="embed"
@@ -341,10 +341,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

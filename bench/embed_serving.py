@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from bench.serving import WORDS, start_serve
-from bench.throughput import emit_json, machine_info
+from bench.throughput import emit_json, machine_info, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,10 +179,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main, (ValueError, RuntimeError))

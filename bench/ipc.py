@@ -571,11 +571,6 @@ if __name__ == "__main__":
     # Run from the importable module, not __main__: Ray then sends the core actor's class
     # (and the tagged msgspec Structs it decodes) by reference, not rebuilt by value.
     from bench.ipc import main as _main
+    from bench.throughput import run_cli
 
-    try:
-        _main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(_main)

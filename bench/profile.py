@@ -39,7 +39,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.presets import PRESETS, is_preset, materialize
-from bench.throughput import emit_json, machine_info
+from bench.throughput import emit_json, machine_info, run_cli
 
 STEP_RANGE = "engine.step"
 MODULE_PREFIX = "module: "  # record_function names of module ranges
@@ -436,10 +436,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -20,12 +20,13 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
 
 import numpy as np
 
 from bench.embed import DEFAULT_BATCHED_TOKENS, make_sentences, model_path
-from bench.throughput import emit_json, machine_info
+from bench.throughput import emit_json, machine_info, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,11 +119,11 @@ def main(argv=None) -> dict:
     result = dict(model=args.model or f"random-bert:{args.random_bert}", device=device,
                   dtype=args.dtype, num_sentences=n, num_tokens=int(sum(counts)), batch_size=b,
                   **{k: round(v, 4) for k, v in times.items()},
-                  command="python -m bench.profile_embed " + " ".join(argv or __import__("sys").argv[1:]),
+                  command=" ".join(["python -m bench.profile_embed", *(argv or sys.argv[1:])]),
                   machine=machine_info())
     emit_json(result, args.json_out)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -50,7 +50,8 @@ from dataclasses import astuple, dataclass
 
 import numpy as np
 
-from bench.throughput import Workload, check_fits, emit_json, machine_info, make_workload
+from bench.throughput import (Workload, check_fits, emit_json, machine_info, make_workload,
+                              run_cli)
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
 SWEEP = "sweep"
@@ -957,10 +958,4 @@ def _reseeded(args, seed: int) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main, (ValueError, RuntimeError))

@@ -473,11 +473,17 @@ def main(argv=None) -> dict:
     return emit_json(record, args.json_out)
 
 
-if __name__ == "__main__":
+def run_cli(main, errors: tuple[type[BaseException], ...] = (ValueError,)) -> None:
+    """A bench's ``__main__``: ``errors`` print one ``error:`` line and exit 2 (no
+    traceback for a bad flag or model); Ctrl-C exits 130."""
     try:
         main()
-    except ValueError as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main)

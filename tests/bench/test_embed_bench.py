@@ -111,3 +111,21 @@ def test_spmd_and_st_side_by_side(tmp_path, ray_cluster, capsys):
         best["spmd"]["sentences_per_s"] / best["st"]["sentences_per_s"], rel=1e-3, abs=1e-4)
     assert record["min_cosine"] > 0.9999
     assert png.stat().st_size > 0
+
+
+def test_profile_embed_times_each_phase_and_profiles(tiny_bert, tmp_path, capsys):
+    from bench import profile_embed
+
+    out_json = tmp_path / "profile.json"
+    record = profile_embed.main(["--model", tiny_bert, "--device", "cpu", "--num-sentences", "40",
+                                 "--max-tokens", "32", "--batch-size", "16", "--top", "5",
+                                 "--json-out", str(out_json)])
+    out = capsys.readouterr().out
+    assert "cProfile of embed, by tottime" in out and "cProfile of embed, by cumulative" in out
+    assert "llm.py" in out and "(embed)" in out  # LLM.embed heads the cumulative table
+    assert record == json.loads(out_json.read_text())
+    assert (record["num_sentences"], record["batch_size"], record["device"]) == (40, 16, "cpu")
+    for key in ("tokenize_batched_s", "tokenize_one_by_one_s", "embed_s", "model_s"):
+        assert record[key] > 0, key
+    # the model alone is part of what embed does on the same sentences
+    assert record["model_s"] < record["embed_s"]

@@ -25,7 +25,7 @@ serve: install
 	$(BIN)/serve run serve_app:deploy
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -116,8 +116,7 @@ class InputProcessor:
     def pretokenize(self, prompts: list, params: list[PoolingParams]) -> list:
         """The prompts with every valid text one replaced by ``{"prompt": text,
         "prompt_token_ids": ids}``, tokenized in one batched call per truncation length (the
-        tokenizer's batch path runs in Rust, over all cores, ~10x faster than one call per
-        text). Texts it cannot take (empty, not valid Unicode) are left for
+        tokenizer's batch path runs in Rust, on all cores). Texts it cannot take (empty, not valid Unicode) are left for
         ``process_pooling`` to refuse with its message."""
         if self.tokenizer is None or len(prompts) < 2:
             return list(prompts)

@@ -193,8 +193,7 @@ def seqs_bucket(num_seqs: int) -> int:
 
 def seqs_buckets(max_num_seqs: int) -> list[int]:
     """Every SEQS_PAD a batch of 1..``max_num_seqs`` sequences uses."""
-    return sorted({seqs_bucket(n) for n in (1 << i for i in range(max_num_seqs.bit_length() + 1))
-                   if n <= seqs_bucket(max_num_seqs)})
+    return [16 << i for i in range((seqs_bucket(max_num_seqs) // 16).bit_length())]
 
 
 def num_query_blocks(num_tokens: int, num_seqs: int, block_m: int) -> int:

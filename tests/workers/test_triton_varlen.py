@@ -163,6 +163,17 @@ def test_registered_for_cuda(interpreter):
     interpreter.run("_check_registered")
 
 
+def test_warm_up_buckets_cover_every_batch_size():
+    # The GPU rank's embed warm-up compiles seqs_buckets(max_num_seqs): every batch of 1..max
+    # sequences must land in one of them, and nothing is compiled twice or past the largest.
+    from workers import triton_varlen as T
+
+    for max_num_seqs in (1, 15, 16, 17, 100, 256, 257):
+        buckets = T.seqs_buckets(max_num_seqs)
+        assert buckets == sorted(set(buckets)) and buckets[0] == 16
+        assert {T.seqs_bucket(n) for n in range(1, max_num_seqs + 1)} == set(buckets)
+
+
 # --------------------------------------------------------------------------- compilation
 
 _COMPILE_SCRIPT = textwrap.dedent("""

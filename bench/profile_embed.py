@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.embed import DEFAULT_BATCHED_TOKENS, make_sentences, model_path
+from bench.embed import engine_sizes, make_sentences, model_path
 from bench.throughput import emit_json, machine_info, run_cli
 
 
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     times["tokenize_one_by_one_s"] = time.perf_counter() - t0
 
     llm = LLM(path, task="embed", dtype=args.dtype, device=args.device, backend="inproc",
-              max_num_seqs=b, max_num_batched_tokens=max(b * args.max_tokens, DEFAULT_BATCHED_TOKENS))
+              **engine_sizes(b, args.max_tokens))
     try:
         worker = llm.engine.transport.worker
         device = str(worker.device)

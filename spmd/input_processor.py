@@ -116,30 +116,42 @@ class InputProcessor:
     def pretokenize(self, prompts: list, params: list[PoolingParams]) -> list:
         """The prompts with every valid text one replaced by ``{"prompt": text,
         "prompt_token_ids": ids}``, tokenized in one batched call per truncation length (the
-        tokenizer's batch path runs in Rust, on all cores). Texts it cannot take (empty, not valid Unicode) are left for
-        ``process_pooling`` to refuse with its message."""
+        tokenizer's batch path runs in Rust, on all cores). What ``process_pooling`` would
+        refuse (an empty or invalid text, a bad ``truncate_prompt_tokens``) is left to it, so
+        that its message names the problem."""
         if self.tokenizer is None or len(prompts) < 2:
             return list(prompts)
         groups: dict[int | None, list[int]] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            if not isinstance(prompt, str) or not prompt:
+            if not isinstance(prompt, str) or not prompt or not _is_unicode(prompt):
                 continue
             try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError:
+                groups.setdefault(self._keep_tokens(p), []).append(i)
+            except ValueError:
                 continue
-            keep = p.truncate_prompt_tokens
-            if keep == -1:
-                keep = self.info.max_model_len
-            if keep is None or keep <= self.info.max_model_len:
-                groups.setdefault(keep, []).append(i)
         out = list(prompts)
         for keep, idx in groups.items():
-            texts = [prompts[i] for i in idx]
-            cut = {} if keep is None else dict(truncation=True, max_length=keep)
-            for i, ids in zip(idx, self.tokenizer(texts, **cut)["input_ids"]):
+            for i, ids in zip(idx, self._encode_texts([prompts[i] for i in idx], keep)):
                 out[i] = {"prompt": prompts[i], "prompt_token_ids": ids}
         return out
+
+    def _keep_tokens(self, params: PoolingParams) -> int | None:
+        """``truncate_prompt_tokens`` resolved (-1: the model's maximum); a ``ValueError``
+        past the model's maximum."""
+        max_len = self.info.max_model_len
+        keep = params.truncate_prompt_tokens
+        if keep == -1:
+            return max_len
+        if keep is not None and keep > max_len:
+            raise ValueError(f"truncate_prompt_tokens: {keep} exceeds the model's maximum of "
+                             f"{max_len} tokens (max_model_len)")
+        return keep
+
+    def _encode_texts(self, texts: list[str], keep: int | None) -> list[list[int]]:
+        """Token ids of each text, special tokens included ([CLS] ... [SEP] kept when the
+        tokenizer truncates to ``keep``)."""
+        cut = {} if keep is None else dict(truncation=True, max_length=keep)
+        return self.tokenizer(texts, **cut)["input_ids"]
 
     def process_pooling(self, request_id: str, prompt, params: PoolingParams | None = None,
                         arrival_time: float | None = None,
@@ -152,18 +164,11 @@ class InputProcessor:
         params = params or PoolingParams()
         self.info.pooler.check(params)
         max_len = self.info.max_model_len
-        keep = params.truncate_prompt_tokens
-        if keep == -1:
-            keep = max_len
-        if keep is not None and keep > max_len:
-            raise ValueError(f"truncate_prompt_tokens: {keep} exceeds the model's maximum of "
-                             f"{max_len} tokens (max_model_len)")
+        keep = self._keep_tokens(params)
         if isinstance(prompt, str) and not prompt:
             raise ValueError("input: an empty string has nothing to embed")
         if isinstance(prompt, str) and keep is not None and self.tokenizer is not None:
-            text = prompt
-            # The tokenizer truncates and keeps its special tokens ([CLS] ... [SEP]).
-            prompt_ids = self.tokenizer(prompt, truncation=True, max_length=keep)["input_ids"]
+            text, prompt_ids = prompt, self._encode_texts([prompt], keep)[0]
         else:
             text, prompt_ids = self._tokenize(prompt)
             if keep is not None:
@@ -256,3 +261,13 @@ def eos_ids(hf_config, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         out.add(tokenizer.eos_token_id)
     return out
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether the text encodes to UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+

@@ -128,8 +128,7 @@ def test_minilm_many_texts_are_tokenized_in_chunks_in_order(minilm, minilm_sente
     # first chunk, outputs still come back in input order, and a bad text there still fails
     # the call and leaves nothing queued.
     chunk = 4 * minilm.engine.config.scheduler.max_num_seqs
-    words = [s.split()[i % 7] for i, s in enumerate(minilm_sentences * 40)][:chunk + 37]
-    texts = [f"{w} {i}" for i, w in enumerate(words)]
+    texts = [f"{minilm_sentences[i % 64].split()[0]} {i}" for i in range(chunk + 37)]
     outs = minilm.embed(texts, use_tqdm=False)
     tok = minilm.get_tokenizer()
     assert [o.prompt_token_ids for o in outs] == tok(texts)["input_ids"]
@@ -138,6 +137,26 @@ def test_minilm_many_texts_are_tokenized_in_chunks_in_order(minilm, minilm_sente
         minilm.embed(texts[:chunk + 5] + ["word " * 400])
     assert not minilm.engine.has_unfinished_requests()
     assert minilm.engine.scheduler.num_waiting == minilm.engine.scheduler.num_running == 0
+
+
+def test_minilm_texts_tokenized_together_equal_each_alone(minilm):
+    # Several texts are tokenized in one batched call per truncation length; each result
+    # equals that text embedded alone, and what the batch cannot take is refused by name.
+    long_text = "word " * 400
+    texts = [long_text, "hello there", "a b c"]
+    together = minilm.embed(texts, truncate_prompt_tokens=-1)
+    alone = [minilm.embed(t, truncate_prompt_tokens=-1)[0] for t in texts]
+    assert [o.prompt_token_ids for o in together] == [o.prompt_token_ids for o in alone]
+    assert len(together[0].prompt_token_ids) == 256 and together[0].prompt_token_ids[-1] == 102
+    np.testing.assert_allclose(_embs(together), _embs(alone), rtol=0, atol=2e-7)
+    mixed = minilm.embed(["hello there", {"prompt_token_ids": [101, 7592, 102]}],
+                         [PoolingParams(truncate_prompt_tokens=2), PoolingParams()])
+    assert [o.prompt_token_ids for o in mixed] == [[101, 102], [101, 7592, 102]]
+    for bad, match in ((["ok", ""], "empty string"), (["ok", "hi \ud800"], "surrogate"),
+                       (["ok", long_text], "402 tokens exceed")):
+        with pytest.raises(ValueError, match=match):
+            minilm.embed(bad)
+    assert not minilm.engine.has_unfinished_requests()
 
 
 # ---- tiny encoders against transformers ---------------------------------------------------

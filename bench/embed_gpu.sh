@@ -9,6 +9,7 @@
 #   bash bench/embed_gpu.sh              # both models
 #   MODELS=minilm bash bench/embed_gpu.sh
 #   SKIP_CHECKS=1 PROFILE=1 BATCH_SIZES=64,256 MODELS=minilm bash bench/embed_gpu.sh
+#   SKIP_CHECKS=1 SKIP_EMBED=1 MODELS=minilm PY_SPY=1 SERVING_MODES=fast bash bench/embed_gpu.sh
 #
 # Needs the carried wheels (.whl, see bench/serving_gpu.sh; the openai client there needs
 # truststore too). JSON, PNG and logs go to $OUT.
@@ -34,17 +35,36 @@ for model in ${MODELS:-minilm bge-large}; do
     bge-large) n=4096 ;;
     *) echo "unknown model $model (minilm | bge-large)"; exit 2 ;;
   esac
-  # The tokenizers' batch path on all cores, as users get it (gpu_env.sh turns it off for
-  # the servers' forks); both sides tokenize with it.
-  TOKENIZERS_PARALLELISM=true run "embed_$model" python3 -m bench.embed --random-bert "$model" --save-dir "/tmp/random-$model" \
-    --device cuda --dtype bfloat16 --backends spmd,st --batch-sizes ${BATCH_SIZES:-16,32,64,128,256,512} \
-    --num-sentences $n --min-tokens 8 --max-tokens 256 \
-    --json-out "$OUT/embed_$model.json" --plot "$OUT/embed_$model.png"
+  if [ -z "${SKIP_EMBED:-}" ]; then
+    # The tokenizers' batch path on all cores, as users get it (gpu_env.sh turns it off for
+    # the servers' forks); both sides tokenize with it.
+    TOKENIZERS_PARALLELISM=true run "embed_$model" python3 -m bench.embed --random-bert "$model" --save-dir "/tmp/random-$model" \
+      --device cuda --dtype bfloat16 --backends spmd,st --batch-sizes ${BATCH_SIZES:-16,32,64,128,256,512} \
+      --num-sentences $n --min-tokens 8 --max-tokens 256 \
+      --json-out "$OUT/embed_$model.json" --plot "$OUT/embed_$model.png"
+  else
+    python3 -c "from bench.random_bert import build_random_bert; build_random_bert('$model', '/tmp/random-$model')"
+  fi
   if [ "$model" = minilm ] && [ -z "${SKIP_SERVING:-}" ]; then
-    for per in 1 16; do
-      run "embed_serving_${model}_x$per" python3 -m bench.embed_serving --model "/tmp/random-$model" \
-        --num-sentences 4096 --concurrency $((per == 1 ? 64 : 16)) --inputs-per-request $per \
-        --engine-arg dtype=bfloat16 --json-out "$OUT/embed_serving_${model}_x$per.json"
+    # Through the server, each ingress (fast: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 + HAProxy;
+    # proxy: Serve's default Python proxy), from 4 client processes; PY_SPY=1 samples the
+    # proxy, replica, engine core and rank during the timed run.
+    for mode in ${SERVING_MODES:-fast proxy}; do
+      case $mode in
+        fast) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --serve-env RAY_SERVE_ENABLE_HA_PROXY=1) ;;
+        proxy) ingress=() ;;
+        *) echo "unknown serving mode $mode (fast | proxy)"; exit 2 ;;
+      esac
+      for per in ${INPUTS_PER_REQUEST:-1 16}; do
+        name="embed_serving_${model}_${mode}_x$per"
+        spy=(); [ -n "${PY_SPY:-}" ] && spy=(--py-spy "$OUT/spy_$name")
+        run "$name" python3 -m bench.embed_serving --model "/tmp/random-$model" \
+          --num-sentences 4096 --concurrency $((per == 1 ? 64 : 16)) --inputs-per-request $per \
+          --num-clients ${NUM_CLIENTS:-4} "${ingress[@]}" "${spy[@]}" \
+          --engine-arg dtype=bfloat16 --json-out "$OUT/$name.json"
+        # one archive: the device returns a limited number of files
+        [ -d "$OUT/spy_$name" ] && tar czf "$OUT/spy_$name.tgz" -C "$OUT" "spy_$name" && rm -rf "$OUT/spy_$name"
+      done
     done
   fi
 done

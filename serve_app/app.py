@@ -365,7 +365,7 @@ class LLMServer:
         400 naming it, and the rest are cancelled."""
         ids = [request_id] if len(inputs) == 1 else [f"{request_id}-{i}"
                                                      for i in range(len(inputs))]
-        inputs = self.engine.inputs.pretokenize(inputs, [params] * len(inputs))
+        inputs = await self.engine.pretokenize(inputs, [params] * len(inputs))
         tasks = [asyncio.ensure_future(self.engine.embed(p, params, rid))
                  for p, rid in zip(inputs, ids)]
         try:

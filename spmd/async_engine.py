@@ -30,6 +30,7 @@ from spmd.output_processor import OutputProcessor, merge_delta
 from spmd.outputs import RequestOutput
 from spmd.pooling import EmbeddingRequestOutput, PoolingOutputs, PoolingParams
 from spmd.sampling_params import SamplingParams
+from spmd.tokenizer import TokenizerThreads
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class AsyncEngine:
         self.outputs = OutputProcessor(self.inputs.tokenizer, stream=True)
         pooler = self.inputs.info.pooler
         self.pooling = PoolingOutputs(pooler) if pooler is not None else None
+        self._tokenizers = (TokenizerThreads(self.inputs.tokenizer)
+                            if pooler is not None and self.inputs.tokenizer is not None else None)
         self._pool_waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         # Guards the output processor and the collectors between the receiver thread and
         # the event loop(s); held for one step's bookkeeping, never for a step.
@@ -188,6 +191,8 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         self._check_alive()
         params = pooling_params or PoolingParams()
+        if isinstance(prompt, str) and self._tokenizers is not None:
+            prompt = (await self.pretokenize([prompt], [params]))[0]
         text, prompt_ids, request = self.inputs.process_pooling(request_id, prompt, params)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -209,6 +214,14 @@ class AsyncEngine:
                     client.send(AbortRequests([request_id]))
                 except EngineDeadError:
                     pass
+
+    async def pretokenize(self, prompts: list, params: list[PoolingParams]) -> list:
+        """``InputProcessor.pretokenize`` in the engine's tokenizer threads, off the event
+        loop (embedding engines)."""
+        if self._tokenizers is None:
+            return self.inputs.pretokenize(prompts, params)
+        return await self._tokenizers.run(
+            lambda tok: self.inputs.pretokenize(prompts, params, tokenizer=tok))
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -442,6 +455,8 @@ class AsyncEngine:
         restarter = self._restarter
         if restarter is not None:
             restarter.join(timeout=self.config.parallel.start_timeout_s + 60)
+        if self._tokenizers is not None:
+            self._tokenizers.shutdown()
         self.client.shutdown()
 
 

@@ -113,13 +113,15 @@ class InputProcessor:
             lora_id=0 if lora_request is None else lora_request.lora_int_id)
         return text, prompt_ids, request
 
-    def pretokenize(self, prompts: list, params: list[PoolingParams]) -> list:
+    def pretokenize(self, prompts: list, params: list[PoolingParams], tokenizer=None) -> list:
         """The prompts with every valid text one replaced by ``{"prompt": text,
         "prompt_token_ids": ids}``, tokenized in one batched call per truncation length (the
-        tokenizer's batch path runs in Rust, on all cores). What ``process_pooling`` would
-        refuse (an empty or invalid text, a bad ``truncate_prompt_tokens``) is left to it, so
-        that its message names the problem."""
-        if self.tokenizer is None or len(prompts) < 2:
+        tokenizer's batch path runs in Rust, on all cores, without the GIL) with
+        ``tokenizer`` (default: this processor's; a copy of it for another thread). What
+        ``process_pooling`` would refuse (an empty or invalid text, a bad
+        ``truncate_prompt_tokens``) is left to it, so that its message names the problem."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
             return list(prompts)
         groups: dict[int | None, list[int]] = {}
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -131,7 +133,7 @@ class InputProcessor:
                 continue
         out = list(prompts)
         for keep, idx in groups.items():
-            for i, ids in zip(idx, self._encode_texts([prompts[i] for i in idx], keep)):
+            for i, ids in zip(idx, _encode_texts(tokenizer, [prompts[i] for i in idx], keep)):
                 out[i] = {"prompt": prompts[i], "prompt_token_ids": ids}
         return out
 
@@ -146,12 +148,6 @@ class InputProcessor:
             raise ValueError(f"truncate_prompt_tokens: {keep} exceeds the model's maximum of "
                              f"{max_len} tokens (max_model_len)")
         return keep
-
-    def _encode_texts(self, texts: list[str], keep: int | None) -> list[list[int]]:
-        """Token ids of each text, special tokens included ([CLS] ... [SEP] kept when the
-        tokenizer truncates to ``keep``)."""
-        cut = {} if keep is None else dict(truncation=True, max_length=keep)
-        return self.tokenizer(texts, **cut)["input_ids"]
 
     def process_pooling(self, request_id: str, prompt, params: PoolingParams | None = None,
                         arrival_time: float | None = None,
@@ -168,7 +164,7 @@ class InputProcessor:
         if isinstance(prompt, str) and not prompt:
             raise ValueError("input: an empty string has nothing to embed")
         if isinstance(prompt, str) and keep is not None and self.tokenizer is not None:
-            text, prompt_ids = prompt, self._encode_texts([prompt], keep)[0]
+            text, prompt_ids = prompt, _encode_texts(self.tokenizer, [prompt], keep)[0]
         else:
             text, prompt_ids = self._tokenize(prompt)
             if keep is not None:
@@ -230,6 +226,13 @@ class InputProcessor:
             raise ValueError(f"prompt: not valid Unicode (a lone surrogate at character "
                              f"{e.start})") from None
         return prompt, self.tokenizer.encode(prompt)
+
+
+def _encode_texts(tokenizer, texts: list[str], keep: int | None) -> list[list[int]]:
+    """Token ids of each text, special tokens included ([CLS] ... [SEP] kept when the
+    tokenizer truncates to ``keep``)."""
+    cut = {} if keep is None else dict(truncation=True, max_length=keep)
+    return tokenizer(texts, **cut)["input_ids"]
 
 
 def sampling_options(params: SamplingParams, seed: int = 0) -> SamplingOptions:

@@ -197,6 +197,41 @@ def test_tiny_bert_text_inputs_and_sentence_transformers(tiny_bert):
     np.testing.assert_array_equal(ours, by_ids)
 
 
+def test_async_engine_tokenizes_concurrent_texts_in_threads(tiny_bert, ray_cluster):
+    # Texts are tokenized off the event loop, in threads with their own tokenizer copies:
+    # concurrent requests, truncating or not, get exactly what each gets offline.
+    import asyncio
+
+    from spmd import AsyncEngine
+    from spmd.tokenizer import TokenizerThreads
+
+    rng = random.Random(3)
+    texts = [" ".join(f"w{rng.randrange(200)}" for _ in range(rng.randint(1, 120)))
+             for _ in range(48)]
+    cuts = [None if i % 3 else 16 for i in range(len(texts))]
+    params = [PoolingParams(truncate_prompt_tokens=c) for c in cuts]
+    with LLM(tiny_bert, backend="inproc") as llm:
+        offline = llm.embed(texts, params)
+    engine = AsyncEngine(model=tiny_bert)
+    engine._tokenizers.shutdown()
+    engine._tokenizers = TokenizerThreads(engine.inputs.tokenizer, num_threads=4)
+
+    async def main():
+        one = await asyncio.gather(*(engine.embed(t, p) for t, p in zip(texts, params)))
+        batch = await engine.pretokenize(texts, params)
+        return one, batch
+
+    try:
+        one, batch = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert [o.prompt_token_ids for o in one] == [o.prompt_token_ids for o in offline]
+    assert [b["prompt_token_ids"] for b in batch] == [o.prompt_token_ids for o in offline]
+    assert {len(o.prompt_token_ids) for o, t, c in zip(one, texts, cuts)
+            if c and len(t.split()) > 16} == {16}
+    np.testing.assert_allclose(_embs(one), _embs(offline), rtol=0, atol=1e-6)
+
+
 def test_tiny_xlm_roberta_equals_transformers(tmp_path):
     path = build_tiny_encoder(tmp_path, "xlm-roberta", st_pooling=None)
     prompts = _prompts(16, 256, seed=5)

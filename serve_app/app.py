@@ -353,7 +353,7 @@ class LLMServer:
         tokens = sum(len(out.prompt_token_ids) for out in outs)
         self.metrics.embedding_inputs.inc(len(outs))
         self.metrics.prompt_tokens.inc(tokens)
-        data = [EmbeddingData.build(i, out.outputs.embedding, req.encoding_format)
+        data = [EmbeddingData.build(i, out.outputs.vector, req.encoding_format)
                 for i, out in enumerate(outs)]
         return _json(EmbeddingResponse(id=request_id, created=int(time.time()),
                                        model=self.model_name, data=data,

@@ -375,11 +375,13 @@ class EmbeddingData(BaseModel):
     embedding: list[float] | str  # encoding_format "base64": little-endian float32 bytes
 
     @classmethod
-    def build(cls, index: int, embedding: list[float], encoding_format: str) -> EmbeddingData:
+    def build(cls, index: int, vector: np.ndarray, encoding_format: str) -> EmbeddingData:
         if encoding_format == "base64":
-            raw = np.asarray(embedding, dtype="<f4").tobytes()
-            return cls(index=index, embedding=base64.b64encode(raw).decode("ascii"))
-        return cls(index=index, embedding=embedding)
+            raw = vector.astype("<f4", copy=False).tobytes()
+            embedding = base64.b64encode(raw).decode("ascii")
+        else:
+            embedding = vector.tolist()
+        return cls.model_construct(index=index, embedding=embedding)  # built here: valid
 
 
 class EmbeddingUsage(BaseModel):

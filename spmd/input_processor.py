@@ -211,7 +211,7 @@ class InputProcessor:
                 return prompt.get("prompt"), self._tokenize(list(prompt["prompt_token_ids"]))[1]
             prompt = prompt.get("prompt")
         if isinstance(prompt, (list, tuple)):
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not set(map(type, prompt)) <= {int}:  # ints, not bools (one pass in C)
                 raise ValueError("prompt_token_ids: must be a list of ints")
             return None, list(prompt)
         if not isinstance(prompt, str):

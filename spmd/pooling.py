@@ -43,13 +43,31 @@ class PoolingParams:
             raise ValueError(f"truncate_prompt_tokens: must be -1 or an int >= 1, got {t!r}")
 
 
-@dataclass
 class EmbeddingOutput:
-    embedding: list[float]
+    """``embedding``: the vector as a list of floats (vLLM's shape), made on first use;
+    ``vector``: the same as a float32 array (what the server encodes to base64)."""
+
+    __slots__ = ("vector", "_list")
+
+    def __init__(self, embedding):
+        self.vector = np.asarray(embedding, dtype=np.float32)
+        self._list = None
+
+    @property
+    def embedding(self) -> list[float]:
+        if self._list is None:
+            self._list = self.vector.tolist()
+        return self._list
 
     @property
     def hidden_size(self) -> int:
-        return len(self.embedding)
+        return len(self.vector)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingOutput(hidden_size={self.hidden_size})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EmbeddingOutput) and np.array_equal(self.vector, other.vector)
 
 
 @dataclass
@@ -63,7 +81,7 @@ class EmbeddingRequestOutput:
 
     def base64(self) -> str:
         """The embedding as base64 of little-endian float32 (OpenAI's ``encoding_format``)."""
-        return base64.b64encode(np.asarray(self.outputs.embedding, dtype="<f4").tobytes()).decode()
+        return base64.b64encode(self.outputs.vector.astype("<f4", copy=False).tobytes()).decode()
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,6 @@ class PoolingOutputs:
             prompt_ids, params, prompt, arrival = entry
             vector = self.info.finish(np.frombuffer(p.embedding, dtype="<f4"), params)
             out.append(EmbeddingRequestOutput(p.request_id, prompt_ids,
-                                              EmbeddingOutput(vector.tolist()), True, prompt,
+                                              EmbeddingOutput(vector), True, prompt,
                                               dict(arrival_time=arrival)))
         return out

@@ -276,6 +276,9 @@ def test_encoder_task_and_limits(tiny_bert):
         assert len(outs) == 12 and all(len(o.outputs.embedding) == 64 for o in outs)
         with pytest.raises(ValueError, match="131 tokens exceed the model's maximum of 130"):
             llm.embed([[7] * 131])
+        for bad in ([2, True, 3], [2, 3.0], [2, "3"]):
+            with pytest.raises(ValueError, match="prompt_token_ids: must be a list of ints"):
+                llm.embed([bad])
 
 
 def test_encode_step_failure_fails_only_its_requests(tiny_bert):

@@ -95,7 +95,9 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: 2048 to generate, 16384 to embed (TEI's)
+    # None: 2048 to generate; to embed 16384 on the CPU (TEI's default), 65536 on CUDA (where
+    # bigger batches keep the GPU busier: bench/RESULTS.md, embeddings)
+    max_num_batched_tokens: int | None = None
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
 
 
@@ -262,7 +264,9 @@ class EngineConfig:
         value = self.scheduler.max_num_batched_tokens
         if value is not None:
             return value
-        return 16384 if self.pooler.task == "embed" else 2048
+        if self.pooler.task == "embed":
+            return 65536 if self.device.device == "cuda" else 16384
+        return 2048
 
     def _check_lora(self) -> None:
         lora = self.lora

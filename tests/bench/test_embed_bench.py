@@ -128,3 +128,30 @@ def test_profile_embed_times_each_phase_and_profiles(tiny_bert, tmp_path, capsys
     for key in ("tokenize_batched_s", "tokenize_one_by_one_s", "embed_s", "model_s",
                 "embed_profiled_s"):
         assert record[key] > 0, key
+
+
+def test_embed_serving_from_client_processes_matches_offline(tiny_bert, ray_cluster, capsys):
+    # The real Serve app and openai clients in 2 processes; every sentence comes back, in
+    # order, equal to offline LLM.embed.
+    from bench import embed_serving
+
+    record = embed_serving.main(["--model", tiny_bert, "--num-sentences", "24",
+                                 "--concurrency", "4", "--inputs-per-request", "3",
+                                 "--num-clients", "2", "--max-tokens", "40"])
+    assert record["num_clients"] == 2
+    assert record["http"]["tokens"] == record["offline"]["tokens"] > 24
+    assert record["min_cosine"] > 0.99999
+    assert record["http"]["client_cpu_util"] > 0
+
+
+def test_collapsed_stacks_summary():
+    from bench.embed_serving import summarize_collapsed
+
+    text = "\n".join(["thread (1): loop;main (a.py:1);work (a.py:5) 30",
+                      "thread (1): loop;main (a.py:1);other (a.py:9) 10",
+                      "thread (2): tok;enc (b.py:2) 20", "not a stack line"])
+    s = summarize_collapsed(text, ticks=100)
+    assert s["samples"] == 60
+    assert s["threads"] == {"thread (1): loop": 0.4, "thread (2): tok": 0.2}
+    assert list(s["self"]) == ["work (a.py:5)", "enc (b.py:2)", "other (a.py:9)"]
+    assert s["self"]["work (a.py:5)"] == 0.5 and s["inclusive"]["main (a.py:1)"] == round(40 / 60, 3)

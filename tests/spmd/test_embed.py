@@ -265,6 +265,18 @@ def test_matryoshka_dimensions_truncate_then_normalize(tmp_path):
             llm.embed("w1", PoolingParams(dimensions=65))
 
 
+def test_embed_token_budget_defaults(tiny_bert):
+    # TEI's 16384 on the CPU; 65536 on CUDA, where bigger batches keep the GPU busy
+    from spmd.config import EngineConfig
+
+    def budget(device, task="embed", **kw):
+        return EngineConfig.from_kwargs(model=tiny_bert, device=device, **kw).with_task(
+            task).max_num_batched_tokens
+
+    assert (budget("cpu"), budget("cuda"), budget("cuda", "generate")) == (16384, 65536, 2048)
+    assert budget("cuda", max_num_batched_tokens=4096) == 4096
+
+
 def test_encoder_task_and_limits(tiny_bert):
     with pytest.raises(ValueError, match="encoder-only model"):
         LLM(tiny_bert, task="generate", backend="inproc")

@@ -99,6 +99,14 @@ class SchedulerConfig:
     # bigger batches keep the GPU busier: bench/RESULTS.md, embeddings)
     max_num_batched_tokens: int | None = None
     cuda_graph_max_batch_size: int = 512  # GPU: decode batches up to this replay a graph
+    # Admission (generation): a waiting request is admitted only if, after its first chunk,
+    # free KV blocks still cover kv_watermark of the cache (vLLM's watermark) plus
+    # kv_reserve of what the running requests (and it) may still grow to by their max_tokens.
+    # kv_reserve=1.0: admit only what the cache can hold to the end (no preemption by
+    # growth); 0: optimistic, as vLLM V1 (running requests preempt, by recompute, when out
+    # of blocks). Preemption stays the fallback either way.
+    kv_watermark: float = 0.01
+    kv_reserve: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,12 @@ class EngineConfig:
         _check(0 < self.cache.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                "must be in (0, 1]")
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _check(isinstance(self.scheduler.kv_watermark, (int, float))
+               and 0 <= self.scheduler.kv_watermark < 1, "kv_watermark",
+               f"must be in [0, 1), got {self.scheduler.kv_watermark!r}")
+        _check(isinstance(self.scheduler.kv_reserve, (int, float))
+               and 0 <= self.scheduler.kv_reserve <= 1, "kv_reserve",
+               f"must be in [0, 1], got {self.scheduler.kv_reserve!r}")
         _check(self.scheduler.max_num_batched_tokens is None
                or self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                "must be >= 1")

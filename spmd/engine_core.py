@@ -100,7 +100,9 @@ class EngineCore:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 enable_prefix_caching=config.cache.enable_prefix_caching,
-                max_loras=config.lora.max_loras if config.lora.enable_lora else 0)
+                max_loras=config.lora.max_loras if config.lora.enable_lora else 0,
+                kv_watermark=config.scheduler.kv_watermark,
+                kv_reserve=config.scheduler.kv_reserve)
         self.loras: LoRARegistry | None = None
         if config.lora.enable_lora:
             self.loras = LoRARegistry(

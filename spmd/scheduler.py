@@ -8,6 +8,11 @@ that does not fit. A running request that cannot get a KV block preempts the mos
 recently admitted one; a waiting request that cannot get its blocks waits. With LoRA,
 at most ``max_loras`` distinct adapters run at once: a waiting request whose adapter
 would be one too many is passed over (it keeps its place) until a slot frees up.
+
+Admission keeps ``kv_watermark`` of the blocks free while others run, plus ``kv_reserve``
+of the growth the running requests (and the newcomer) may still need to reach their
+``max_tokens``: with ``kv_reserve=1`` what is admitted can always run to its end, so growth
+never preempts; a request with nothing else running is admitted whenever it fits.
 """
 
 from __future__ import annotations
@@ -131,6 +136,8 @@ class Scheduler(RequestQueues):
         enable_prefix_caching: bool = True,
         long_prefill_token_threshold: int = 0,
         max_loras: int = 0,
+        kv_watermark: float = 0.0,
+        kv_reserve: float = 0.0,
     ) -> None:
         if num_blocks * block_size < max_model_len:
             raise ValueError(f"num_blocks * block_size = {num_blocks * block_size} KV slots cannot "
@@ -145,6 +152,8 @@ class Scheduler(RequestQueues):
         self.enable_prefix_caching = enable_prefix_caching
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_loras = max_loras
+        self.watermark_blocks = int(kv_watermark * num_blocks)
+        self.kv_reserve = kv_reserve
         self.block_pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}  # unfinished requests by request_id
         self.waiting: deque[Request] = deque()
@@ -210,6 +219,8 @@ class Scheduler(RequestQueues):
         # Requests just preempted would not fit; admit nobody this step.
         active_loras = {r.lora_id for r in self.running if r.lora_id} if self.max_loras else set()
         passed_over: list[Request] = []  # adapters beyond max_loras: they keep their place
+        running_growth = (sum(self._growth(r) for r in self.running)
+                          if self.kv_reserve and not preempted_ids and self.waiting else 0)
         while (not preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
@@ -217,9 +228,11 @@ class Scheduler(RequestQueues):
                     and len(active_loras) >= self.max_loras):
                 passed_over.append(self.waiting.popleft())
                 continue
-            num_new = self._admit(req, budget)
+            num_new = self._admit(req, budget, running_growth)
             if num_new == 0:
                 break
+            if self.kv_reserve:
+                running_growth += self._growth(req)
             self.waiting.popleft()
             if req.status is RequestStatus.WAITING:
                 req.num_cached_tokens = req.num_computed_tokens
@@ -299,9 +312,11 @@ class Scheduler(RequestQueues):
         req.block_ids.extend(new_block_ids)
         return new_block_ids
 
-    def _admit(self, req: Request, budget: int) -> int:
+    def _admit(self, req: Request, budget: int, running_growth: int = 0) -> int:
         """Gives a waiting request its prefix-cache hits and blocks for its first
-        chunk; returns the chunk's length, or 0 if its blocks do not fit."""
+        chunk; returns the chunk's length, or 0 if its blocks do not fit or would leave
+        less free than the watermark and the reserve (``running_growth``: the blocks the
+        running requests may still need)."""
         assert not req.block_ids and req.num_computed_tokens == 0
         # Leave at least one token to compute, so that the step samples.
         max_hit_blocks = (req.num_tokens - 1) // self.block_size
@@ -312,13 +327,28 @@ class Scheduler(RequestQueues):
             num_new = self.long_prefill_token_threshold
         num_missing = -(-(num_computed + num_new) // self.block_size) - len(hit_block_ids)
         pool = self.block_pool
-        if num_missing + pool.num_unreferenced(hit_block_ids) > pool.num_free_blocks:
+        needed = num_missing + pool.num_unreferenced(hit_block_ids)
+        if needed > pool.num_free_blocks:
             return 0
+        if self.running:  # alone, a request is admitted whenever it fits: nothing to wait for
+            held = self.watermark_blocks
+            if self.kv_reserve:
+                growth = running_growth + self._growth(req, num_computed + num_new)
+                held += int(self.kv_reserve * growth + 0.999)
+            if needed + held > pool.num_free_blocks:
+                return 0
         pool.touch(hit_block_ids)  # before allocate, which could otherwise evict them
         req.block_ids = hit_block_ids + pool.allocate(num_missing)
         req.num_computed_tokens = num_computed
         req.num_cached_blocks = len(hit_block_ids)
         return num_new
+
+    def _growth(self, req: Request, num_tokens: int | None = None) -> int:
+        """Blocks ``req`` may still need beyond those covering ``num_tokens`` tokens (default:
+        its block table): to its prompt plus ``max_tokens``, within ``max_model_len``."""
+        final = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+        have = len(req.block_ids) if num_tokens is None else -(-num_tokens // self.block_size)
+        return max(0, -(-final // self.block_size) - have)
 
     def _preempt(self, req: Request) -> None:
         self.block_pool.free(req.block_ids)

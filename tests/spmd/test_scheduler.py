@@ -328,6 +328,96 @@ def test_a_waiting_request_waits_for_blocks():
     assert b.output_token_ids == reference_output(b.prompt_token_ids, 2, 16)[0]
 
 
+def test_watermark_keeps_blocks_free_while_others_run():
+    # 10 blocks, watermark 0.2 = 2 blocks kept free when admitting beside a running request.
+    sched, ranks = make_scheduler(num_blocks=10, block_size=4, max_model_len=32,
+                                  max_num_batched_tokens=64, enable_prefix_caching=False,
+                                  kv_watermark=0.2)
+    a = make_request(prompt_of(16, 1), max_tokens=2)  # 4 blocks, admitted alone: 6 free
+    b = make_request(prompt_of(12, 2), max_tokens=2)  # 3 blocks + 2 kept free <= 6: admitted
+    c = make_request(prompt_of(8, 3), max_tokens=2)  # 2 blocks + 2 kept free > 3: waits
+    for r in (a, b, c):
+        sched.add_request(r)
+    out, _ = step(sched, ranks)
+    assert [s for s, _ in out.scheduled] == [a.seq_id, b.seq_id]
+    assert sched.block_pool.num_free_blocks == 3 and sched.num_waiting == 1
+    run_to_completion(sched, ranks)
+    assert c.output_token_ids == reference_output(c.prompt_token_ids, 2, 32)[0]
+    # Alone, a request is admitted whenever it fits, watermark or not.
+    sched, ranks = make_scheduler(num_blocks=8, block_size=4, max_model_len=32,
+                                  enable_prefix_caching=False, kv_watermark=0.5)
+    d = make_request(prompt_of(28, 4), max_tokens=4)
+    sched.add_request(d)
+    out, _ = step(sched, ranks)
+    assert out.scheduled == [(d.seq_id, 28)]
+
+
+def test_full_reserve_admits_only_what_can_run_to_its_end():
+    # Each request needs 2 blocks for its prompt and 4 by its last token; 12 blocks hold
+    # three of them to the end. Without the reserve all six start and growth preempts.
+    prompts = [prompt_of(8, i) for i in range(6)]
+
+    def run(reserve):
+        sched, ranks = make_scheduler(num_blocks=12, block_size=4, max_num_seqs=8,
+                                      max_num_batched_tokens=64, max_model_len=32,
+                                      enable_prefix_caching=False,
+                                      kv_watermark=0.0, kv_reserve=reserve)
+        reqs = [make_request(p, max_tokens=8) for p in prompts]
+        for r in reqs:
+            sched.add_request(r)
+        seen = {"preempted": 0, "max_running": 0}
+
+        def on_step(out):
+            seen["preempted"] += len(out.preempted_ids)
+            seen["max_running"] = max(seen["max_running"], sched.num_running)
+            assert_invariants(sched)
+
+        run_to_completion(sched, ranks, on_step)
+        return [r.output_token_ids for r in reqs], seen
+
+    optimistic, seen0 = run(0.0)
+    reserved, seen1 = run(1.0)
+    assert seen0["preempted"] > 0 and seen0["max_running"] == 6
+    assert seen1["preempted"] == 0 and seen1["max_running"] == 3
+    assert reserved == optimistic == [reference_output(p, 8, 32)[0] for p in prompts]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12)), min_size=1,
+                      max_size=12),
+       num_blocks=st.integers(8, 16), budget=st.integers(4, 24),
+       enable_prefix_caching=st.booleans())
+def test_full_reserve_never_preempts(specs, num_blocks, budget, enable_prefix_caching):
+    sched, ranks = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_seqs=6,
+                                  max_num_batched_tokens=budget, max_model_len=32,
+                                  enable_prefix_caching=enable_prefix_caching, kv_reserve=1.0,
+                                  kv_watermark=0.1)
+    reqs = [make_request((prompt_of(8, 0) + prompt_of(20, i))[:n], max_tokens=m)
+            for i, (n, m) in enumerate(specs)]
+    for r in reqs:
+        sched.add_request(r)
+
+    def on_step(out):
+        assert not out.preempted_ids
+        assert_invariants(sched)
+
+    run_to_completion(sched, ranks, on_step)
+    for r in reqs:
+        assert r.output_token_ids == reference_output(r.prompt_token_ids, r.max_tokens, 32)[0]
+
+
+def test_admission_options_are_checked():
+    from spmd.config import EngineConfig
+
+    for kw, match in ((dict(kv_watermark=1.0), r"kv_watermark: must be in \[0, 1\), got 1.0"),
+                      (dict(kv_reserve=-0.1), r"kv_reserve: must be in \[0, 1\], got -0.1"),
+                      (dict(kv_reserve="all"), "kv_reserve: .* got 'all'")):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig.from_kwargs(**kw)
+    config = EngineConfig.from_kwargs(kv_watermark=0.05, kv_reserve=1)
+    assert (config.scheduler.kv_watermark, config.scheduler.kv_reserve) == (0.05, 1)
+
+
 # ---- prefix caching ----------------------------------------------------------------------
 
 

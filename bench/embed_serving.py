@@ -5,9 +5,10 @@
 
 Starts the Serve app in this process on a free 127.0.0.1 port (engine options as
 ``--engine-arg key=value``, the names ``serve run serve_app:deploy`` takes), sends the
-sentences as concurrent ``embeddings.create`` calls of the ``openai`` client
-(``--inputs-per-request`` sentences each, ``--concurrency`` calls in flight, the client's
-default base64 encoding), shuts Serve down, then embeds the same sentences offline with
+sentences as concurrent ``embeddings.create`` calls of the ``openai`` client from
+``--num-clients`` processes (``--inputs-per-request`` sentences each, ``--concurrency`` calls
+in flight in all, the client's default base64 encoding; Serve's ingress settings with
+``--serve-env``, py-spy profiles of the server's processes with ``--py-spy``), shuts Serve down, then embeds the same sentences offline with
 ``LLM.embed`` and the same options. Both sides are warmed up first; only the embedding of
 all sentences is timed. Prints sentences/s and tokens/s both ways, HTTP/offline, and the
 smallest cosine between the two sides' embeddings; then one JSON line.
@@ -27,7 +28,7 @@ import time
 
 import numpy as np
 
-from bench.serving import WORDS, start_ray, start_serve
+from bench.serving import WORDS, recv_reply, start_ray, start_serve
 from bench.throughput import emit_json, machine_info, run_cli
 
 
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an engine or server option of serve_app:deploy (repeat)")
     p.add_argument("--num-clients", type=int, default=1,
                    help="client processes sharing the load (each its own openai client and "
-                        "event loop), so that the load generator is not the bottleneck")
+                        "event loop; one tops out near 250 calls/s on an H200 host's core)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    dest="serve_env_items",
                    help="an environment variable for Serve (repeat), e.g. "
@@ -93,11 +94,10 @@ def make_sentences(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[str]:
     return texts
 
 
-async def _http(url: str, model: str, batches: list[list[str]], concurrency: int,
-                ready=None):
+async def _http(url: str, model: str, batches: list[list[str]], concurrency: int, ready):
     """``batches`` as ``embeddings.create`` calls, ``concurrency`` in flight, after a warm-up;
-    ``ready()`` (run in a thread, when given) returns the ``perf_counter`` time to start at
-    (the same clock in every process). Returns (start, end, vectors, prompt tokens)."""
+    ``ready()`` (run in a thread) returns the ``perf_counter`` time to start at (the same
+    clock in every process). Returns (start, end, vectors, prompt tokens)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
@@ -110,9 +110,8 @@ async def _http(url: str, model: str, batches: list[list[str]], concurrency: int
 
     try:
         await asyncio.gather(*(one(b) for b in batches[:concurrency]))  # warm-up
-        if ready is not None:
-            start_at = await asyncio.to_thread(ready)
-            await asyncio.sleep(max(start_at - time.perf_counter(), 0.0))
+        start_at = await asyncio.to_thread(ready)
+        await asyncio.sleep(max(start_at - time.perf_counter(), 0.0))
         start = time.perf_counter()
         resps = await asyncio.gather(*(one(b) for b in batches))
         end = time.perf_counter()
@@ -130,8 +129,7 @@ def _client_main(conn, url: str, model: str, batches: list[list[str]], concurren
 
     try:
         cpu = time.process_time()
-        start, end, vectors, tokens = asyncio.run(_http(url, model, batches, concurrency,
-                                                        ready=ready))
+        start, end, vectors, tokens = asyncio.run(_http(url, model, batches, concurrency, ready))
         conn.send((start, end, vectors, tokens, time.process_time() - cpu))
     except BaseException as e:  # the parent raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -139,21 +137,13 @@ def _client_main(conn, url: str, model: str, batches: list[list[str]], concurren
 
 def _http_clients(url: str, model: str, batches: list[list[str]], concurrency: int,
                   num_clients: int, on_start=None) -> tuple[float, list, int, float]:
-    """The load from ``num_clients`` processes (batches dealt round-robin, the concurrency
-    split between them); returns (elapsed, vectors in batch order, tokens, client CPU s)."""
+    """The load from ``num_clients`` processes, each a contiguous share of the batches and
+    of the concurrency, started together once all have warmed up (``on_start()`` first);
+    returns (elapsed, vectors in input order, tokens, the clients' CPU seconds)."""
     import multiprocessing
 
     k = min(num_clients, len(batches), concurrency)
-    if k == 1:
-        def ready() -> float:
-            if on_start is not None:
-                on_start()
-            return time.perf_counter()
-
-        cpu = time.process_time()
-        start, end, vectors, tokens = asyncio.run(_http(url, model, batches, concurrency,
-                                                        ready=ready))
-        return end - start, vectors, tokens, time.process_time() - cpu
+    bounds = np.linspace(0, len(batches), k + 1).round().astype(int)
     ctx = multiprocessing.get_context("spawn")
     procs, conns = [], []
     try:
@@ -161,19 +151,19 @@ def _http_clients(url: str, model: str, batches: list[list[str]], concurrency: i
             ours, theirs = ctx.Pipe()
             share = concurrency // k + (c < concurrency % k)
             proc = ctx.Process(target=_client_main, daemon=True,
-                               args=(theirs, url, model, batches[c::k], share))
+                               args=(theirs, url, model, batches[bounds[c]:bounds[c + 1]], share))
             proc.start()
             theirs.close()
             procs.append(proc)
             conns.append(ours)
         for c, conn in enumerate(conns):
-            _reply(c, conn, procs[c])  # "ready"
+            recv_reply(c, conn, procs[c])  # "ready": warmed up
         if on_start is not None:
             on_start()
         start_at = time.perf_counter() + 0.2
         for conn in conns:
             conn.send(start_at)
-        replies = [_reply(c, conn, procs[c]) for c, conn in enumerate(conns)]
+        replies = [recv_reply(c, conn, procs[c]) for c, conn in enumerate(conns)]
     finally:
         for proc in procs:
             proc.join(timeout=30)
@@ -181,25 +171,8 @@ def _http_clients(url: str, model: str, batches: list[list[str]], concurrency: i
                 proc.terminate()
         for conn in conns:
             conn.close()
-    vectors: list = [None] * sum(len(b) for b in batches)
-    offsets = np.cumsum([0] + [len(b) for b in batches])
-    for c, (_, _, vecs, _, _) in enumerate(replies):
-        it = iter(vecs)
-        for b in range(c, len(batches), k):
-            for i in range(offsets[b], offsets[b + 1]):
-                vectors[i] = next(it)
-    elapsed = max(r[1] for r in replies) - min(r[0] for r in replies)
-    return (elapsed, vectors, sum(r[3] for r in replies), sum(r[4] for r in replies))
-
-
-def _reply(c: int, conn, proc):
-    try:
-        reply = conn.recv()
-    except EOFError:
-        raise RuntimeError(f"client process {c} exited (exit code {proc.exitcode})") from None
-    if isinstance(reply, tuple) and reply and reply[0] == "error":
-        raise RuntimeError(f"client process {c}: {reply[1]}")
-    return reply
+    start, end, vectors, tokens, cpu = zip(*replies)
+    return (max(end) - min(start), [v for vecs in vectors for v in vecs], sum(tokens), sum(cpu))
 
 
 def run_http(args, texts: list[str]) -> tuple[dict, list]:

@@ -495,14 +495,7 @@ class ClientPool:
             raise
 
     def _recv(self, c: int, conn):
-        try:
-            reply = conn.recv()
-        except EOFError:
-            raise RuntimeError(f"client process {c} exited "
-                               f"(exit code {self.procs[c].exitcode})") from None
-        if isinstance(reply, tuple) and reply and reply[0] == "error":
-            raise RuntimeError(f"client process {c}: {reply[1]}")
-        return reply
+        return recv_reply(c, conn, self.procs[c])
 
     def run_level(self, bodies: list[dict], offsets, split, progress=None
                   ) -> tuple[list[RequestResult], float, list[float]]:
@@ -556,6 +549,18 @@ class ClientPool:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def recv_reply(c: int, conn, proc):
+    """Client process ``c``'s next message; its error (``("error", text)``) or its exit
+    raised here as a ``RuntimeError`` naming it."""
+    try:
+        reply = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"client process {c} exited (exit code {proc.exitcode})") from None
+    if isinstance(reply, tuple) and reply and reply[0] == "error":
+        raise RuntimeError(f"client process {c}: {reply[1]}")
+    return reply
 
 
 def _client_main(conn, counter, config: dict) -> None:

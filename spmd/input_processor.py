@@ -120,7 +120,7 @@ class InputProcessor:
         ``tokenizer`` (default: this processor's; a copy of it for another thread). What
         ``process_pooling`` would refuse (an empty or invalid text, a bad
         ``truncate_prompt_tokens``) is left to it, so that its message names the problem."""
-        tokenizer = tokenizer or self.tokenizer
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if tokenizer is None:
             return list(prompts)
         groups: dict[int | None, list[int]] = {}

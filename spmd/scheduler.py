@@ -17,6 +17,7 @@ never preempts; a request with nothing else running is admitted whenever it fits
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -327,16 +328,12 @@ class Scheduler(RequestQueues):
             num_new = self.long_prefill_token_threshold
         num_missing = -(-(num_computed + num_new) // self.block_size) - len(hit_block_ids)
         pool = self.block_pool
-        needed = num_missing + pool.num_unreferenced(hit_block_ids)
-        if needed > pool.num_free_blocks:
+        held = 0  # alone, a request is admitted whenever it fits: nothing to wait for
+        if self.running:
+            growth = running_growth + self._growth(req, num_computed + num_new)
+            held = self.watermark_blocks + math.ceil(self.kv_reserve * growth)
+        if num_missing + pool.num_unreferenced(hit_block_ids) + held > pool.num_free_blocks:
             return 0
-        if self.running:  # alone, a request is admitted whenever it fits: nothing to wait for
-            held = self.watermark_blocks
-            if self.kv_reserve:
-                growth = running_growth + self._growth(req, num_computed + num_new)
-                held += int(self.kv_reserve * growth + 0.999)
-            if needed + held > pool.num_free_blocks:
-                return 0
         pool.touch(hit_block_ids)  # before allocate, which could otherwise evict them
         req.block_ids = hit_block_ids + pool.allocate(num_missing)
         req.num_computed_tokens = num_computed

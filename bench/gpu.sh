@@ -5,6 +5,9 @@
 #   bash bench/gpu.sh tp1     # nvidia-h100-x1: fp32 parity; 7B dummy 512 prompts, dag/inproc/ray/hf
 #   bash bench/gpu.sh tp1b    # nvidia-h100-x1: 7B dummy 1000 prompts (dag), profile
 #   bash bench/gpu.sh tp2     # nvidia-h200-x2: parity + logits at tp=1/2, 7B dag/ray at tp=2
+#   bash bench/gpu.sh engine  # issue 13: 7B 512 prompts dag, dag-sync (no overlap), inproc, hf;
+#                             # 20 decode steps traced (device gaps); then kv_reserve=1
+#   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
 #
 # Needs the carried wheels (.whl, from ../shared/device/make-wheels.sh): Ray and msgspec
 # are not on the GPU image. JSON lines and logs go to $OUT (or ./gpu-out).
@@ -42,6 +45,17 @@ case $mode in
     [ -s "$OUT/tp2_512.json" ] || thru tp2_512_eager --num-prompts 512 --tp 2 --backends dag --enforce-eager
     thru tp2_1000 --num-prompts 1000 --tp 2 --backends dag
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2)"; exit 2 ;;
+  engine)
+    model=${MODEL:-llama2-7b}
+    extra=(); for a in ${ENGINE_ARGS:-}; do extra+=(--engine-arg "$a"); done
+    tag=${model}${ENGINE_ARGS:+_${ENGINE_ARGS// /_}}; tag=${tag//=/}
+    thru "engine_$tag" --model "$model" --num-prompts 512 --backends ${BACKENDS:-dag,dag-sync,inproc,hf} \
+      --hf-batch-size 128 --profile-steps 150,20 --profile-dir "$OUT/prof_$tag" "${extra[@]}"
+    [ "${RESERVE:-1}" != 0 ] && thru "engine_${tag}_reserve" --model "$model" --num-prompts 512 \
+      --backends dag --engine-arg kv_reserve=1 "${extra[@]}"
+    # one archive: the device returns a limited number of files
+    [ -d "$OUT/prof_$tag" ] && tar czf "$OUT/prof_$tag.tgz" -C "$OUT" "prof_$tag" && rm -rf "$OUT/prof_$tag"
+    ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine)"; exit 2 ;;
 esac
 exit $fail

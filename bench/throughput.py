@@ -19,6 +19,13 @@ round-robin over all of them; the ratios are the cost of LoRA.
 Static-shape mode (``--device spyre --warmup-shapes 256,128,8``, or ``--device
 tpu-emulated``) is compared with the default engine on the same prompts by
 ``--devices cpu,spyre``; the warm-up (compile) time of each shape is reported.
+
+``dag-sync`` (``inproc-sync``, ``ray-sync``) is that backend with ``async_scheduling``
+off, for the cost of running one step at a time. ``--engine-arg key=value`` passes
+engine options (``kv_reserve=1``, ``kv_cache_dtype=fp8``) to every engine run, and
+``--profile-steps START,N`` traces N decode-time steps of each engine run with
+torch.profiler from its rank's step START on, reporting the device's idle gap between
+consecutive steps (traces go to ``--profile-dir``).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ import numpy as np
 from bench.presets import PRESETS, is_preset, materialize
 
 ENGINE_BACKENDS = ("dag", "ray", "inproc")
-BACKENDS = ENGINE_BACKENDS + ("hf",)
+# "<backend>-sync": the same engine with async_scheduling off (one step at a time)
+BACKENDS = ENGINE_BACKENDS + tuple(f"{b}-sync" for b in ENGINE_BACKENDS) + ("hf",)
 MIXED_RANGE = (16, 256)  # --mixed: input and output lengths, inclusive
 
 
@@ -120,6 +128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-loras", type=int, default=0,
                    help="> 0: compare the base model, 1 adapter and this many (random, PEFT format)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option for every engine run (repeatable), e.g. kv_reserve=1")
+    p.add_argument("--profile-steps", default=None, metavar="START,N",
+                   help="trace N steps of each engine run from its rank's step START on")
+    p.add_argument("--profile-dir", default="/tmp/spmd-bench-profile")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -130,10 +143,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
     if args.num_loras < 0 or args.lora_rank < 1:
         p.error("--num-loras must be >= 0 and --lora-rank >= 1")
+    args.engine_args = {}
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--engine-arg: {item!r} is not KEY=VALUE")
+        args.engine_args[key.strip()] = _parse_value(value)
+    if args.profile_steps is not None:
+        try:
+            start, num = (int(x) for x in args.profile_steps.split(","))
+            assert start >= 0 and num >= 2
+        except (ValueError, AssertionError):
+            p.error(f"--profile-steps: {args.profile_steps!r} is not START,N (N >= 2)")
+        args.profile_steps = (start, num)
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if "inproc" in args.backends and args.tp != 1:
+    if {"inproc", "inproc-sync"} & set(args.backends) and args.tp != 1:
         p.error(f"--backends: 'inproc' runs --tp 1 only, got --tp {args.tp}")
     if "spyre" in args.devices and not args.warmup_shapes:
         p.error("--warmup-shapes: --device spyre needs at least one P,M,B shape")
@@ -181,8 +207,11 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
 
     static = dict(warmup_shapes=";".join(args.warmup_shapes) if device == "spyre" else None,
                   compile_backend=args.compile_backend)
+    label = backend if device == "cpu" else f"{backend}:{device}"
+    backend, _, sync = backend.partition("-")
     t0 = time.perf_counter()
     llm = LLM(model_path, tensor_parallel_size=args.tp, backend=backend, load_format=args.load_format,
+              **{"async_scheduling": not sync, **args.engine_args},
               dtype=args.dtype, device=device, **static, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
@@ -200,16 +229,24 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
             llm.engine.add_lora(lora)
         per_prompt = [loras[i % len(loras)] for i in range(len(prompts))] if loras else None
         steps = _record_steps(llm.engine)
+        trace = None
+        if args.profile_steps:
+            os.makedirs(args.profile_dir, exist_ok=True)
+            trace = os.path.join(args.profile_dir, f"{label.replace(':', '_')}.json")
+            llm.engine.call_all("profile_steps", *args.profile_steps, trace)
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, lora_request=per_prompt)
         elapsed_s = time.perf_counter() - t0
+        if trace:
+            steps_profile = llm.engine.call_all("profile_result")[0]
         extra = dict(step_stats(steps), num_kv_blocks=llm.engine.num_kv_blocks,
+                     **(dict(profile={k: v for k, v in steps_profile.items() if k != "step_gaps_ms"})
+                        if trace else {}),
                      preemptions=llm.engine.stats_total["preemptions"],
                      nonfinite_steps=max(llm.engine.call_all("nonfinite_steps")))
         warmup_s = llm.engine.warmup_times_s
     finally:
         llm.shutdown()
-    label = backend if device == "cpu" else f"{backend}:{device}"
     label += f"+lora{len(adapters)}" if adapters else ""
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != workload.num_output_tokens:
@@ -236,22 +273,27 @@ def _record_steps(engine) -> list[dict]:
 
 
 def step_stats(records: list[dict]) -> dict:
-    """Step counts and the engine's own cost per step: from ``schedule()`` to tokens
-    appended, minus the rank's model time (the forward pass and sampling), as the median
-    over pure decode steps of at least 7/8 of the largest decode batch seen."""
-    decode = [r for r in records if r["num_tokens"] == r["num_seqs"]]
+    """Step counts and the engine's own cost per step, as medians over pure decode steps
+    of at least 7/8 of the largest decode batch seen: the step's wall time (from the step
+    before's output to its own: with overlapped steps, schedule and send are hidden), the
+    rank's model time (forward and sampling), the difference (engine time not hidden
+    behind the model), and the rank's idle time before the forward (host work the device
+    waits through)."""
+    decode = [(i, r) for i, r in enumerate(records) if r["num_tokens"] == r["num_seqs"]]
     out = dict(steps=len(records), decode_steps=len(decode))
     if not decode:
         return out
-    largest = max(r["num_seqs"] for r in decode)
-    big = [r for r in decode if r["num_seqs"] >= largest * 7 // 8]
-    overhead = [r["schedule_encode_s"] + r["round_trip_s"] + r["process_s"] - r["model_time_s"]
-                for r in big]
-    return dict(out, max_decode_batch=largest,
-                decode_step_ms=round(1e3 * float(np.median(
-                    [r["schedule_encode_s"] + r["round_trip_s"] + r["process_s"] for r in big])), 3),
-                decode_model_ms=round(1e3 * float(np.median([r["model_time_s"] for r in big])), 3),
-                decode_overhead_ms=round(1e3 * float(np.median(overhead)), 3))
+    largest = max(r["num_seqs"] for _, r in decode)
+    big = [(i, r) for i, r in decode if r["num_seqs"] >= largest * 7 // 8 and i > 0]
+    if not big:
+        return dict(out, max_decode_batch=largest)
+    wall = [r["done_at"] - records[i - 1]["done_at"] for i, r in big]
+    model = [r["model_time_s"] for _, r in big]
+    ms = lambda xs: round(1e3 * float(np.median(xs)), 3)  # noqa: E731
+    return dict(out, max_decode_batch=largest, decode_step_ms=ms(wall),
+                decode_model_ms=ms(model),
+                decode_overhead_ms=ms([w - m for w, m in zip(wall, model)]),
+                decode_idle_ms=ms([r.get("idle_s", 0.0) for _, r in big]))
 
 
 def run_hf(model_path: str, workload: Workload, args, adapters: list[str] = ()) -> Result:
@@ -317,6 +359,21 @@ def run_hf(model_path: str, workload: Workload, args, adapters: list[str] = ()) 
     del model
     label = f"hf+lora{len(adapters)}" if adapters else "hf"
     return Result(label, startup_s, elapsed_s, n, workload.num_prompt_tokens, workload.num_output_tokens)
+
+
+def _parse_value(text: str):
+    """``--engine-arg`` values: ints, floats, true/false/none, else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _dtype_name(dtype: str, device: str) -> str:
@@ -447,7 +504,14 @@ def main(argv=None) -> dict:
                 print(f"  {r['steps']} steps, {r['preemptions']} preemptions, NaN/Inf steps "
                       f"{r['nonfinite_steps']}; decode at batch ~{r['max_decode_batch']}: step "
                       f"{r['decode_step_ms']} ms, model {r['decode_model_ms']} ms, engine overhead "
-                      f"{r['decode_overhead_ms']} ms", flush=True)
+                      f"{r['decode_overhead_ms']} ms (rank idle before the forward "
+                      f"{r['decode_idle_ms']} ms)", flush=True)
+            if r.get("profile"):
+                prof = r["profile"]
+                print(f"  profiled {args.profile_steps[1]} steps: device busy "
+                      f"{prof.get('busy_share', 0):.1%}, gap between steps median "
+                      f"{prof.get('step_gap_median_ms', 0):.3f} ms, max "
+                      f"{prof.get('step_gap_max_ms', 0):.3f} ms ({prof['trace']})", flush=True)
     finally:
         if not ray_was_up and ray.is_initialized():
             ray.shutdown()
@@ -467,7 +531,7 @@ def main(argv=None) -> dict:
         num_threads_per_rank=args.num_threads_per_rank or None,
         hf_batch_size=(args.hf_batch_size or args.num_prompts) if "hf" in args.backends else None,
         lora_rank=args.lora_rank if args.num_loras else None, num_loras=args.num_loras or None,
-        seed=args.seed,
+        seed=args.seed, engine_args=args.engine_args or None,
         results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
         machine=machine_info())
     return emit_json(record, args.json_out)

@@ -18,10 +18,19 @@ class RayCallTransport(Transport):
         self.step_timeout_s = step_timeout_s
         self._closed = False
 
-    def _run(self, data: bytes) -> list:
+    def submit(self, data: bytes) -> list:
+        """Actor calls run in the order they were made: a second step queues behind."""
         if self._closed:
             raise TransportClosed("the ray transport was shut down or failed earlier")
-        refs = [a.execute_model.remote(data) for a in self.group.actors]
+        return [a.execute_model.remote(data) for a in self.group.actors]
+
+    def fetch(self, handle: list, expected_s: float = 0.0) -> bytes:
+        return self._wait(handle)[0]
+
+    def _run(self, data: bytes) -> list:
+        return self._wait(self.submit(data))
+
+    def _wait(self, refs: list) -> list:
         out = []
         for rank, ref in enumerate(refs):
             try:

@@ -52,7 +52,7 @@ def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConf
 
         if config.tp_size != 1:
             raise ValueError(f"backend: 'inproc' runs tensor_parallel_size=1 only, got {config.tp_size}")
-        return InProcTransport(worker_factory, config)
+        return InProcTransport(worker_factory, config, max_inflight=max_inflight)
     from dag.ranks import RankGroup
 
     group = RankGroup(worker_factory, config, num_cpus_per_rank=num_cpus_per_rank,
@@ -64,6 +64,6 @@ def make_transport(backend: str, worker_factory: WorkerFactory, config: RankConf
     if backend == "ray":
         from dag.ray_calls import RayCallTransport
 
-        return RayCallTransport(group, step_timeout_s=step_timeout_s)
+        return RayCallTransport(group, step_timeout_s=step_timeout_s)  # calls queue in order
     group.shutdown()
     raise ValueError(f"backend: unknown {backend!r}; choose dag, ray or inproc")

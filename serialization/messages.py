@@ -151,6 +151,9 @@ class SamplerOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     top_logprobs: bytes = b""  # float32, row-major [rows, num_top]
     model_time_s: float = 0.0  # rank-side forward + sample time
     rank_time_s: float = 0.0  # rank-side decode-to-return time
+    # Rank-side, from the previous step's tokens reaching the host to this step's forward
+    # starting: host work the device waits through (0 for a rank's first step).
+    idle_s: float = 0.0
 
 
 class RankCall(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="call"):

@@ -107,6 +107,9 @@ class SchedulerConfig:
     # of blocks). Preemption stays the fallback either way.
     kv_watermark: float = 0.01
     kv_reserve: float = 0.0
+    # Schedule and send step n+1 while the ranks run step n (vLLM's async scheduling):
+    # the engine's own work hides behind the device's. False: one step at a time.
+    async_scheduling: bool = True
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,8 @@ class EngineConfig:
         _check(isinstance(self.scheduler.kv_reserve, (int, float))
                and 0 <= self.scheduler.kv_reserve <= 1, "kv_reserve",
                f"must be in [0, 1], got {self.scheduler.kv_reserve!r}")
+        _check(isinstance(self.scheduler.async_scheduling, bool), "async_scheduling",
+               f"must be True or False, got {self.scheduler.async_scheduling!r}")
         _check(self.scheduler.max_num_batched_tokens is None
                or self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                "must be >= 1")

@@ -1,6 +1,12 @@
 """The engine core: schedules, encodes each step's delta, pushes it to every rank
 at once and turns rank 0's sampled tokens into one ``StepOutputs`` message. It
-holds no model and no tokenizer: text lives in the frontend."""
+holds no model and no tokenizer: text lives in the frontend.
+
+With ``async_scheduling`` (the default) two steps are in flight: the core schedules,
+encodes and sends step n+1 before it waits for step n, and applies step n's tokens while
+the ranks run n+1. The ranks append the tokens they sample, so step n+1 needs nothing of
+step n's output; what it could not know (a stop token, a stop string) costs one dropped
+token and reaches the ranks in the next delta."""
 
 from __future__ import annotations
 
@@ -63,6 +69,9 @@ class EngineCore:
         if self.task == "embed":
             self.rank_config = msgspec.structs.replace(self.rank_config,
                                                        pooling=self.info.pooler.pooling)
+        # Static shapes batch differently (a batch runs to its end): no overlap there.
+        self.async_scheduling = (self.task == "generate" and config.scheduler.async_scheduling
+                                 and not config.device.warmup_shapes)
         if config.parallel.backend != "inproc":
             ensure_ray(config)
         self.transport: Transport = make_transport(
@@ -71,10 +80,10 @@ class EngineCore:
             placement_strategy=config.parallel.placement_strategy,
             step_timeout_s=config.parallel.step_timeout_s,
             start_timeout_s=config.parallel.start_timeout_s,
-            # Prefill-only: the next batch is sent while the ranks run this one.
-            max_inflight=2 if self.task == "embed" else 1)
-        self._inflight: collections.deque = collections.deque()  # embed: sent, not fetched
-        self._fetched: list[StepOutputs] = []  # embed: fetched early (a call between steps)
+            # The next step is sent while the ranks run this one.
+            max_inflight=2 if self.task == "embed" or self.async_scheduling else 1)
+        self._inflight: collections.deque = collections.deque()  # steps sent, not fetched
+        self._fetched: list[StepOutputs] = []  # fetched early (a call between steps)
         self._last_done = 0.0
         try:
             self.num_kv_blocks = 0
@@ -215,13 +224,30 @@ class EngineCore:
     # ---- the step -----------------------------------------------------------------
 
     def step(self) -> StepOutputs | None:
-        """Schedules and runs one step on all ranks; the new tokens of every sequence
-        that advanced. None when there was nothing to run."""
+        """Schedules and runs steps on all ranks; returns the oldest step's new tokens of
+        every sequence that advanced (one step behind the ranks with ``async_scheduling``).
+        None when there was nothing to run."""
         if self._fatal is not None:
             raise RuntimeError(f"the engine stopped after a fatal failure ({self._fatal}); "
                                "start a new one")
         if self.task == "embed":
             return self._encode_step()
+        if self._fetched:
+            return self._fetched.pop(0)
+        depth = 2 if self.async_scheduling else 1
+        while len(self._inflight) < depth:
+            sent = self._submit_step()
+            if sent is None:
+                break
+            if isinstance(sent, StepOutputs):  # it could not be sent: it failed here
+                self._fetched.append(sent)
+                return self._fetched.pop(0)
+        if not self._inflight:
+            return None
+        return self._fetch_step()
+
+    def _submit_step(self) -> "_Flight | StepOutputs | None":
+        """Schedules, encodes and sends one step; None when there is nothing to send."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled and not sched.finished_ids and not sched.preempted_ids:
@@ -233,22 +259,54 @@ class EngineCore:
                     r.lora_id for r in itertools.chain(sched.new_requests, sched.resumed))):
                 lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running)
         except Exception as e:  # an adapter's files changed since add_lora checked them
-            return self._fail_step(sched, f"an adapter could not be loaded: {type(e).__name__}: {e}")
+            return self._fail_steps([_Flight(sched)],
+                                    f"an adapter could not be loaded: {type(e).__name__}: {e}")
+        flight = _Flight(sched, lora_slots=lora_slots, t0=t0)
         try:
             data = encode(to_message(sched, lora_slots))
         except Exception as e:  # a value the wire format cannot carry (validation missed it)
-            return self._fail_step(sched, f"the step could not be encoded: {type(e).__name__}: {e}",
-                                   lora_slots)
-        t_send = time.perf_counter()
-        expected_s = self._expected_step_s(sched.total_num_scheduled_tokens)
+            return self._fail_steps([flight], "the step could not be encoded: "
+                                    f"{type(e).__name__}: {e}")
+        flight.num_bytes = len(data)
+        flight.t_sent = time.perf_counter()
         try:
-            out = decode_output(self.transport.step(data, expected_s))
+            flight.handle = self.transport.submit(data)
         except RankFailure as e:
             if e.fatal:  # a dead or hung rank, or a broken transport: the engine stops
                 self._fatal = str(e).splitlines()[0]
                 raise
-            return self._fail_step(sched, str(e), lora_slots)
-        t_back = time.perf_counter()
+            return self._fail_steps([flight], str(e))
+        self._inflight.append(flight)
+        return flight
+
+    def _fetch_step(self) -> StepOutputs:
+        """Waits for the oldest step in flight and applies its tokens."""
+        flight = self._inflight.popleft()
+        sched = flight.sched
+        # It started when it was sent or when the one before it ended: sleep through
+        # most of what is left of it rather than spin on the channel.
+        started = max(flight.t_sent, self._last_done)
+        expected = self._expected_step_s(sched.total_num_scheduled_tokens)
+        wait_s = max(0.0, started + expected - time.perf_counter())
+        try:
+            out = decode_output(self.transport.fetch(flight.handle, wait_s))
+        except RankFailure as e:
+            if e.fatal:
+                self._fatal = str(e).splitlines()[0]
+                raise
+            self._last_done = time.perf_counter()
+            # The steps sent after it ran on what the failure left of the ranks' state.
+            flights = [flight]
+            while self._inflight:
+                flights.append(self._inflight.popleft())
+                try:
+                    self.transport.fetch(flights[-1].handle)
+                except RankFailure as later:
+                    if later.fatal:
+                        self._fatal = str(later).splitlines()[0]
+                        raise
+            return self._fail_steps(flights, str(e))
+        t_back = self._last_done = time.perf_counter()
         self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
         tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
@@ -258,12 +316,14 @@ class EngineCore:
         totals = self.stats_total
         totals["steps"] += 1
         totals["preemptions"] += len(sched.preempted_ids)
-        totals["generation_tokens"] += len(seq_ids)
+        totals["generation_tokens"] += len(updated)
         totals["prompt_tokens"] += sched.total_num_scheduled_tokens - len(seq_ids)
         self.last_step_stats = dict(
             num_tokens=sched.total_num_scheduled_tokens, num_seqs=len(sched.scheduled),
-            message_bytes=len(data), schedule_encode_s=t_send - t0, round_trip_s=t_back - t_send,
-            rank_time_s=out.rank_time_s, model_time_s=out.model_time_s, process_s=t1 - t_back)
+            message_bytes=flight.num_bytes, schedule_encode_s=flight.t_sent - flight.t0,
+            round_trip_s=t_back - started, rank_time_s=out.rank_time_s,
+            model_time_s=out.model_time_s, process_s=t1 - t_back, idle_s=out.idle_s,
+            done_at=t_back)
         return StepOutputs(step_id=sched.step_id, outputs=deltas, timestamp=time.time())
 
     # ---- the prefill-only step (embeddings) ------------------------------------------
@@ -339,25 +399,31 @@ class EngineCore:
                            errors=[RequestError(r, message, 500) for r in failed],
                            timestamp=time.time())
 
-    def _fail_step(self, sched, detail: str, lora_slots=()) -> StepOutputs:
+    def _fail_steps(self, flights: list[_Flight], detail: str) -> StepOutputs:
         """A step that raised on the ranks (or could not be sent) fails the requests it
-        ran, and only those: every rank forgets that step's sequences, the scheduler
-        frees their blocks, each gets a ``RequestError``, and the engine goes on."""
-        if self.loras is not None:
-            self.loras.forget_fills(lora_slots)  # the ranks may not have made them
-        failed = self.scheduler.fail_step(sched)
+        ran, and only those (with the steps sent after it, which ran on what it left):
+        every rank forgets those steps' sequences, the scheduler frees their blocks, each
+        gets a ``RequestError``, and the engine goes on."""
+        failed, step_seqs, preempted = [], [], []
+        for flight in flights:
+            if self.loras is not None:
+                self.loras.forget_fills(flight.lora_slots)  # the ranks may not have made them
+            failed += self.scheduler.fail_step(flight.sched)
+            step_seqs += [seq_id for seq_id, _ in flight.sched.scheduled]
+            step_seqs += flight.sched.finished_ids
+            preempted += flight.sched.preempted_ids
         parents = list(dict.fromkeys(self._owner[r.seq_id][0] for r in failed
                                      if r.seq_id in self._owner))
-        logger.error("step %d failed; stopping its %d request(s) %s: %s", sched.step_id,
+        step_id = flights[0].sched.step_id
+        logger.error("step %d failed; stopping its %d request(s) %s: %s", step_id,
                      len(parents), parents[:8], detail)
-        step_seqs = [seq_id for seq_id, _ in sched.scheduled] + list(sched.finished_ids)
-        self.call_all("forget", step_seqs, list(sched.preempted_ids))
+        self.call_all("forget", step_seqs, preempted)
         for parent in parents:  # its other sequences end too (announced at the next step)
             self.abort_request(parent)
-        self.stats_total["failed_steps"] += 1
+        self.stats_total["failed_steps"] += 1  # the steps sent after it count with it
         message = ("internal error: the step running this request failed on the engine's "
                    "ranks; the request was stopped (details are in the server log)")
-        return StepOutputs(step_id=sched.step_id, outputs=[],
+        return StepOutputs(step_id=step_id, outputs=[],
                            errors=[RequestError(p, message, 500) for p in parents],
                            timestamp=time.time())
 
@@ -430,15 +496,21 @@ class EngineCore:
 
     def park(self) -> None:
         """Nothing to run: the ranks sleep (instead of spinning on their channel)
-        until the next step or call."""
-        if not self._inflight:
-            self.transport.park()
+        until the next step or call. Steps still in flight finish first; their outputs
+        come with the next ``step``."""
+        self._drain()
+        self.transport.park()
 
     # ---- rank-state calls (broadcast to every rank) -----------------------------------
 
+    def _drain(self) -> None:
+        """Fetches every step in flight, keeping their outputs for ``step``."""
+        fetch = self._fetch_encode if self.task == "embed" else self._fetch_step
+        while self._inflight:
+            self._fetched.append(fetch())
+
     def call_all(self, method: str, *args) -> list:
-        while self._inflight:  # a call follows the steps already sent; keep their outputs
-            self._fetched.append(self._fetch_encode())
+        self._drain()  # a call follows the steps already sent
         replies = self.transport.call_all(encode(RankCall(method, list(args))))
         return [decode_reply(r).value for r in replies]
 
@@ -446,8 +518,8 @@ class EngineCore:
         if not self._closed:
             self._closed = True
             try:
-                while self._inflight and self._fatal is None:  # let the ranks finish them
-                    self._fetch_encode()
+                if self._fatal is None:  # let the ranks finish them
+                    self._drain()
             except Exception as e:
                 logger.debug("steps in flight at shutdown: %s", e)
             self.transport.shutdown()
@@ -455,6 +527,19 @@ class EngineCore:
     def _new_seq_id(self) -> int:
         self._next_seq_id = (self._next_seq_id + 1) % (2**31 - 1)
         return self._next_seq_id
+
+
+class _Flight:
+    """A generation step sent to the ranks (or failed before it could be)."""
+
+    __slots__ = ("sched", "handle", "lora_slots", "t0", "t_sent", "num_bytes")
+
+    def __init__(self, sched, lora_slots=(), t0: float = 0.0):
+        self.sched = sched
+        self.lora_slots = lora_slots
+        self.t0 = self.t_sent = t0
+        self.handle = None
+        self.num_bytes = 0
 
 
 def _with_seed(sampling, seed: int):

@@ -31,7 +31,10 @@ _FINISH_REASONS = {
 class Request:
     """One request as the engine and scheduler see it.
 
-    ``num_computed_tokens`` counts tokens whose KV is in ``block_ids``;
+    ``num_computed_tokens`` counts tokens whose KV is in ``block_ids`` once the steps
+    scheduled so far have run (it advances when a step is scheduled); ``num_pending``
+    counts tokens those steps sample that the engine has not seen yet (with steps
+    overlapped, the ranks run ahead of the engine by one step);
     ``block_hashes[i]`` is the chained prefix-cache hash of full block ``i`` of
     ``all_token_ids`` (kept only when prefix caching is on).
     """
@@ -41,7 +44,7 @@ class Request:
         "stop_token_ids", "min_tokens", "sampling", "arrival_time", "status",
         "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks",
         "num_cached_tokens", "num_preemptions", "_all_token_ids", "arrival_step", "lora_id",
-        "lora_key",
+        "lora_key", "num_pending",
     )
 
     def __init__(
@@ -77,6 +80,7 @@ class Request:
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
         self.lora_id = lora_id  # its adapter; 0: the base model
         self.lora_key = lora_key  # seeds its prefix-cache hashes, so adapters never share KV
+        self.num_pending = 0  # sampled by steps in flight, not yet known here
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,14 @@ Admission keeps ``kv_watermark`` of the blocks free while others run, plus ``kv_
 of the growth the running requests (and the newcomer) may still need to reach their
 ``max_tokens``: with ``kv_reserve=1`` what is admitted can always run to its end, so growth
 never preempts; a request with nothing else running is admitted whenever it fits.
+
+Steps may overlap (the engine schedules step n+1 while the ranks run step n): a step's
+tokens count as computed as soon as it is scheduled, and a step that samples leaves a
+*pending* token the engine learns when the step's output arrives. The ranks append that
+token themselves, so step n+1 runs it without knowing it. A request whose pending tokens
+reach its ``max_tokens`` (or ``max_model_len``) is not scheduled again; one that stops on
+a token (EOS, a stop string) was already scheduled once more, and that step's token is
+dropped. Blocks enter the prefix cache only when the step that wrote them has returned.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class SchedulerOutput:
     preempted_ids: list[int]  # preempted in this step
     total_num_scheduled_tokens: int
     scheduled_requests: list[Request] = field(default_factory=list, repr=False)  # parallel to scheduled
+    starts: list[int] = field(default_factory=list, repr=False)  # num_computed_tokens before, parallel
     shape_index: int = -1  # static batching: the warm-up shape a new batch runs in
 
     @property
@@ -82,10 +91,14 @@ class RequestQueues:
         for req in out.scheduled_requests:
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
-                self._release(req)
-                req.status = RequestStatus.FINISHED_ABORTED
-                del self.requests[req.request_id]
-                failed.append(req)
+            elif req.status is RequestStatus.PREEMPTED:  # since: its pending token is lost
+                self.waiting.remove(req)
+            else:
+                continue
+            self._release(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            del self.requests[req.request_id]
+            failed.append(req)
         return failed
 
     def _release(self, req: Request) -> None:
@@ -161,7 +174,6 @@ class Scheduler(RequestQueues):
         self.running: list[Request] = []
         self._finished_ids: list[int] = []  # known to the ranks, to free at the next step
         self._step_id = 0
-        self._awaiting_update = False
 
     # ---- requests -------------------------------------------------------------------
 
@@ -188,8 +200,6 @@ class Scheduler(RequestQueues):
     # ---- one step -------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        # num_computed_tokens advances only in update_from_output: steps cannot overlap.
-        assert not self._awaiting_update, "schedule() called before update_from_output()"
         budget = self.max_num_batched_tokens
         scheduled: list[Request] = []
         num_scheduled: list[int] = []
@@ -201,6 +211,9 @@ class Scheduler(RequestQueues):
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and self._ends_with_pending(req):
+                i += 1  # its last token is in flight: it finishes when that arrives
+                continue
             num_new = self._num_tokens_to_schedule(req, budget)
             while (new_block_ids := self._allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()
@@ -225,6 +238,8 @@ class Scheduler(RequestQueues):
         while (not preempted_ids and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
+            if req.num_pending:  # preempted with a token in flight: resumes once it is known
+                break
             if (req.lora_id and req.lora_id not in active_loras
                     and len(active_loras) >= self.max_loras):
                 passed_over.append(self.waiting.popleft())
@@ -249,9 +264,15 @@ class Scheduler(RequestQueues):
             budget -= num_new
         self.waiting.extendleft(reversed(passed_over))
 
+        starts = []
+        for req, num_new in zip(scheduled, num_scheduled):
+            starts.append(req.num_computed_tokens)
+            req.num_computed_tokens += num_new
+            if req.num_computed_tokens == req.num_tokens + req.num_pending:
+                req.num_pending += 1  # the step samples the next token
+
         finished_ids, self._finished_ids = self._finished_ids, []
         self._step_id += 1
-        self._awaiting_update = bool(scheduled)
         return SchedulerOutput(
             step_id=self._step_id,
             scheduled=[(req.seq_id, n) for req, n in zip(scheduled, num_scheduled)],
@@ -262,40 +283,53 @@ class Scheduler(RequestQueues):
             preempted_ids=preempted_ids,
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
             scheduled_requests=scheduled,
+            starts=starts,
         )
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Request]:
-        """Applies a step's results: advances every scheduled request, appends the
-        sampled tokens, finishes requests that stop. Returns the requests that got a
-        token (finished ones included, with their status set)."""
-        assert self._awaiting_update or out.is_empty
-        self._awaiting_update = False
+        """Applies a step's results (steps arrive in the order they were scheduled):
+        appends the sampled tokens, caches the blocks the step filled, finishes requests
+        that stop. Returns the requests that got a token (finished ones included, with
+        their status set). Tokens of requests that finished meanwhile are dropped."""
         updated: list[Request] = []
         any_finished = False
-        for req, (seq_id, num_tokens) in zip(out.scheduled_requests, out.scheduled):
-            if req.status is not RequestStatus.RUNNING:
-                continue  # aborted or finished by a stop string during the step
-            req.num_computed_tokens += num_tokens
-            if req.num_computed_tokens < req.num_tokens:  # a partial prefill chunk
-                assert seq_id not in sampled, req
-                self._cache_full_blocks(req)
+        for req, (seq_id, num_tokens), start in zip(out.scheduled_requests, out.scheduled,
+                                                    out.starts):
+            status = req.status
+            if status.is_finished:
+                continue  # aborted, stopped or failed since the step was scheduled
+            token_id = sampled.get(seq_id)
+            if token_id is None:  # a partial prefill chunk
+                assert start + num_tokens < req.num_tokens, req
+                if status is RequestStatus.RUNNING:
+                    self._cache_full_blocks(req, start + num_tokens)
                 continue
-            token_id = sampled[seq_id]
+            req.num_pending -= 1
             req.append_token(token_id)
             self._hash_full_blocks(req)
-            self._cache_full_blocks(req)
             updated.append(req)
-            if (status := self._check_stop(req, token_id)) is not None:
-                self._free_request(req, status)
-                any_finished = True
+            if status is RequestStatus.RUNNING:
+                self._cache_full_blocks(req, start + num_tokens)
+            if (stop := self._check_stop(req, token_id)) is not None:
+                if status is RequestStatus.RUNNING:
+                    any_finished = True
+                else:  # preempted after this step was scheduled: it waits to resume
+                    self.waiting.remove(req)
+                self._free_request(req, stop)
         if any_finished:
             self.running = [req for req in self.running if req.status is RequestStatus.RUNNING]
         return updated
 
     # ---- helpers --------------------------------------------------------------------
 
+    def _ends_with_pending(self, req: Request) -> bool:
+        """Its tokens in flight reach ``max_tokens`` or ``max_model_len``."""
+        num_pending = req.num_pending
+        return (len(req.output_token_ids) + num_pending >= req.max_tokens
+                or req.num_tokens + num_pending >= self.max_model_len)
+
     def _num_tokens_to_schedule(self, req: Request, budget: int) -> int:
-        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
         if 0 < self.long_prefill_token_threshold < num_new:
             num_new = self.long_prefill_token_threshold
         assert num_new > 0, req
@@ -373,9 +407,10 @@ class Scheduler(RequestQueues):
             parent = hashes[-1] if hashes else (req.lora_key if req.lora_id else NO_PARENT_HASH)
             hashes.append(hash_block_tokens(parent, tokens[i * size:(i + 1) * size]))
 
-    def _cache_full_blocks(self, req: Request) -> None:
-        """Registers blocks that became full of computed tokens in the prefix cache."""
-        num_full = req.num_computed_tokens // self.block_size
+    def _cache_full_blocks(self, req: Request, num_computed: int) -> None:
+        """Registers the blocks that the first ``num_computed`` tokens (whose KV a step
+        that returned wrote) fill, in the prefix cache."""
+        num_full = num_computed // self.block_size
         if num_full > req.num_cached_blocks and self.enable_prefix_caching:
             for i in range(req.num_cached_blocks, num_full):
                 self.block_pool.cache_block(req.block_ids[i], req.block_hashes[i])

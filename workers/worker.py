@@ -69,6 +69,9 @@ class Worker:
         self._thread = threading.get_ident()
         # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._last_step_end = 0.0  # when the last step's tokens were on the host
+        self._num_steps = 0
+        self._profile: StepProfile | None = None
 
     # ---- device hooks (mixins) --------------------------------------------------
 
@@ -179,6 +182,24 @@ class Worker:
     def num_compiled_graphs(self) -> int:
         """Graphs this rank compiled so far (0 where nothing is compiled)."""
         return 0
+
+    def profile_steps(self, start_step: int, num_steps: int, path: str) -> bool:
+        """Traces ``num_steps`` generation steps with torch.profiler, starting ``start_step``
+        steps after this call, into the Chrome trace ``path``;
+        ``profile_result`` then says how long the device sat idle between steps."""
+        self._profile = StepProfile(self.device, self._num_steps + start_step, num_steps, path)
+        return True
+
+    def profile_result(self) -> dict:
+        """The traced window's device busy share and its idle gaps between steps (ms);
+        {} while the window has not been traced yet."""
+        prof = self._profile
+        if prof is None:
+            return {}
+        result = prof.result()
+        if result:
+            self._profile = None
+        return result
 
     def raise_error(self, message: str) -> None:
         """Test hook: this rank raises (the engine must name it)."""
@@ -297,12 +318,19 @@ class Worker:
         if not msg.scheduled_seq_ids:
             return SamplerOutput(step_id=msg.step_id)
         inputs = self.batch.prepare(msg)
+        if self._profile is not None:
+            self._profile.before_step(self._num_steps)
+        self._num_steps += 1
         t_model = time.perf_counter()
         result = self._run_model(inputs)
         sampled = result.token_ids.numpy().astype(np.int32)
+        t_host = time.perf_counter()
+        idle_s = t_model - self._last_step_end if self._last_step_end else 0.0
+        self._last_step_end = t_host
         self.batch.commit(inputs, sampled)
         t1 = time.perf_counter()
-        return self._output(msg.step_id, inputs, result, sampled, t1 - t_model, t1 - t0)
+        return self._output(msg.step_id, inputs, result, sampled, t_host - t_model, t1 - t0,
+                            idle_s)
 
     @torch.inference_mode()
     def _run_model(self, inputs: StepInputs) -> SampleResult:
@@ -362,7 +390,8 @@ class Worker:
         return out
 
     def _output(self, step_id: int, inputs: StepInputs, result: SampleResult,
-                sampled: np.ndarray, model_time_s: float, rank_time_s: float) -> SamplerOutput:
+                sampled: np.ndarray, model_time_s: float, rank_time_s: float,
+                idle_s: float = 0.0) -> SamplerOutput:
         states = [self.batch.row_states[r] for r in inputs.rows[inputs.sample_idx].tolist()]
         seq_ids = np.array([s.seq_id for s in states], dtype=np.int32)
         fields = {}
@@ -377,7 +406,8 @@ class Worker:
                 top_logprobs=pack_f32(result.top_logprobs[idx, :k].numpy()) if k else b"",
             )
         return SamplerOutput(step_id=step_id, seq_ids=pack_i32(seq_ids), token_ids=sampled.tobytes(),
-                             model_time_s=model_time_s, rank_time_s=rank_time_s, **fields)
+                             model_time_s=model_time_s, rank_time_s=rank_time_s, idle_s=idle_s,
+                             **fields)
 
 
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor,
@@ -396,7 +426,64 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor,
     return sums / seq_lens[:, None].float()
 
 
+class StepProfile:
+    """torch.profiler over a window of steps, then the device's timeline in it: kernels
+    and copies merged into busy intervals, and the ``num_steps - 1`` widest gaps (one
+    between each pair of consecutive steps; inside a step the gaps are launch-sized)."""
+
+    def __init__(self, device: torch.device, start_step: int, num_steps: int, path: str):
+        self.device, self.start_step, self.num_steps, self.path = device, start_step, num_steps, path
+        self._prof = None
+        self._summary: dict = {}
+
+    def before_step(self, step: int) -> None:
+        if step == self.start_step and self._prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+        elif step == self.start_step + self.num_steps and self._prof is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._prof.__exit__(None, None, None)
+            self._prof.export_chrome_trace(self.path)
+            self._summary = device_gaps(self.path, self.num_steps)
+            self._prof = None
+
+    def result(self) -> dict:
+        return self._summary
+
+
+def device_gaps(trace_path: str, num_steps: int) -> dict:
+    """Busy share and between-step idle gaps (ms) of a Chrome trace's device events."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not spans:
+        return dict(trace=trace_path, num_device_events=0)
+    merged = [list(spans[0])]
+    for start, end in spans[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    gaps = sorted((b[0] - a[1] for a, b in zip(merged, merged[1:])), reverse=True)
+    step_gaps = sorted(gaps[:max(0, num_steps - 1)])
+    window = merged[-1][1] - merged[0][0]
+    busy = sum(end - start for start, end in merged)
+    return dict(trace=trace_path, num_device_events=len(spans), window_ms=window / 1e3,
+                busy_share=busy / window if window else 0.0,
+                step_gap_median_ms=float(np.median(step_gaps)) / 1e3 if step_gaps else 0.0,
+                step_gap_max_ms=step_gaps[-1] / 1e3 if step_gaps else 0.0,
+                step_gaps_ms=[round(g / 1e3, 4) for g in step_gaps])
+
+
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
+          "profile_steps", "profile_result",
           "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots", "loaded_loras"}

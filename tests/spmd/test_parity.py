@@ -104,9 +104,10 @@ def test_all_ranks_agree_with_the_engine(ray_cluster, tiny_dir):
                             SamplingParams(temperature=0.8, seed=i, max_tokens=40, ignore_eos=True))
         for _ in range(12):
             eng.step()
+        # The call first lets the step in flight (async scheduling) return to the engine.
+        digests = eng.call_all("batch_digest")
         expected = ";".join(f"{r.seq_id}:{r.num_computed_tokens}:{r.all_token_ids}"
                             for r in sorted(eng.scheduler.running, key=lambda r: r.seq_id))
-        digests = eng.call_all("batch_digest")
         assert digests[0] == digests[1] == expected
     finally:
         llm.shutdown()

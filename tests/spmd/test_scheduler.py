@@ -56,17 +56,19 @@ class FakeRanks:
         for seq_id in out.preempted_ids:
             seq = self.seqs[seq_id]
             seq.num_computed, seq.block_ids, seq.running = 0, [], False
+        # What the message says (the scheduler has advanced num_computed_tokens already).
+        start = {seq_id: s for (seq_id, _), s in zip(out.scheduled, out.starts)}
         for req in out.new_requests:
             assert req.seq_id not in self.seqs
-            assert 0 <= req.num_computed_tokens < len(req.prompt_token_ids)
-            self.seqs[req.seq_id] = RankSeq(list(req.prompt_token_ids), req.num_computed_tokens,
+            assert 0 <= start[req.seq_id] < len(req.prompt_token_ids)
+            self.seqs[req.seq_id] = RankSeq(list(req.prompt_token_ids), start[req.seq_id],
                                             list(req.block_ids))
-            self.sent_num_computed[req.seq_id] = req.num_computed_tokens
+            self.sent_num_computed[req.seq_id] = start[req.seq_id]
         for req in out.resumed:
             seq = self.seqs[req.seq_id]
             assert not seq.running
-            seq.num_computed, seq.block_ids, seq.running = req.num_computed_tokens, list(req.block_ids), True
-            self.sent_num_computed[req.seq_id] = req.num_computed_tokens
+            seq.num_computed, seq.block_ids, seq.running = start[req.seq_id], list(req.block_ids), True
+            self.sent_num_computed[req.seq_id] = start[req.seq_id]
         for seq_id, new_block_ids in out.block_updates:
             self.seqs[seq_id].block_ids.extend(new_block_ids)
 
@@ -114,6 +116,41 @@ def step(sched, ranks):
     out = sched.schedule()
     sampled = ranks.step(out)
     return out, sched.update_from_output(out, sampled)
+
+
+class Overlapped:
+    """Drives the scheduler as the engine does with overlapped steps: up to ``depth``
+    steps scheduled (and run by the fake ranks, which append their own tokens) before
+    the oldest one's output is applied."""
+
+    def __init__(self, sched, ranks, depth=2):
+        self.sched, self.ranks, self.depth = sched, ranks, depth
+        self.inflight: list[tuple[SchedulerOutput, dict]] = []
+
+    def step(self, on_step=None) -> list[Request]:
+        while len(self.inflight) < self.depth:
+            out = self.sched.schedule()
+            if not (out.scheduled or out.finished_ids or out.preempted_ids):
+                break
+            if on_step:
+                on_step(out)
+            self.inflight.append((out, self.ranks.step(out)))
+        if not self.inflight:
+            return []
+        out, sampled = self.inflight.pop(0)
+        return self.sched.update_from_output(out, sampled)
+
+    def run_to_completion(self, on_step=None, max_steps=5000) -> list[Request]:
+        finished = []
+        for _ in range(max_steps):
+            if not (self.sched.has_unfinished_requests() or self.inflight):
+                break
+            finished += [r for r in self.step(on_step) if r.status.is_finished]
+        else:
+            raise AssertionError("requests did not finish")
+        self.step()  # delivers the last finished_ids
+        assert not self.inflight and not self.ranks.seqs
+        return finished
 
 
 def run_to_completion(sched, ranks, on_step=None, max_steps=5000):
@@ -628,18 +665,20 @@ op = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=5, max_size=40), num_blocks=st.integers(8, 12),
-       budget=st.integers(1, 24), enable_prefix_caching=st.booleans())
+       budget=st.integers(1, 24), enable_prefix_caching=st.booleans(), depth=st.sampled_from([1, 2]))
 def test_random_workloads_never_leak_or_double_use_blocks(ops, num_blocks, budget,
-                                                          enable_prefix_caching):
+                                                          enable_prefix_caching, depth):
+    """Depth 2: steps overlap (aborts and stop strings land while a step is in flight)."""
     sched, ranks = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_seqs=6,
                                   max_num_batched_tokens=budget, max_model_len=32,
                                   enable_prefix_caching=enable_prefix_caching)
+    driver = Overlapped(sched, ranks, depth)
     added: list[Request] = []
     completed: list[Request] = []
 
     def run_steps(n):
         for _ in range(n):
-            _, updated = step(sched, ranks)
+            updated = driver.step()
             completed.extend(r for r in updated if r.status.is_finished)
             assert_invariants(sched)
 
@@ -663,7 +702,7 @@ def test_random_workloads_never_leak_or_double_use_blocks(ops, num_blocks, budge
 
     for req in list(sched.requests.values())[::2]:
         sched.abort_request(req.request_id)
-    completed += run_to_completion(sched, ranks, on_step=lambda out: assert_invariants(sched))
+    completed += driver.run_to_completion(on_step=lambda out: assert_invariants(sched))
     assert sched.block_pool.num_free_blocks == num_blocks
     assert all(block.ref_cnt == 0 for block in sched.block_pool.blocks)
     assert not ranks.seqs and sched.num_running == sched.num_waiting == 0
@@ -672,3 +711,77 @@ def test_random_workloads_never_leak_or_double_use_blocks(ops, num_blocks, budge
         if req.status is not RequestStatus.FINISHED_ABORTED and req in completed:
             want = reference_output(req.prompt_token_ids, req.max_tokens, 32, {0})
             assert (req.output_token_ids, req.finish_reason) == want
+
+
+# ---- overlapped steps --------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 14), st.integers(0, 3)),
+                      min_size=1, max_size=10),
+       num_blocks=st.integers(8, 40), budget=st.integers(1, 24),
+       enable_prefix_caching=st.booleans())
+def test_overlapped_steps_give_the_outputs_of_sequential_ones(specs, num_blocks, budget,
+                                                              enable_prefix_caching):
+    """Same tokens and finish reasons with one step in flight as with none, under
+    preemption (few blocks), stop tokens mid-batch, max_tokens and max_model_len."""
+    results = []
+    for depth in (1, 2):
+        sched, ranks = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_seqs=6,
+                                      max_num_batched_tokens=budget, max_model_len=32,
+                                      enable_prefix_caching=enable_prefix_caching)
+        reqs = [make_request((prompt_of(12, prefix) + prompt_of(30, i))[:length],
+                             max_tokens=max_tokens, stop_token_ids={0, 1, 2})
+                for i, (length, max_tokens, prefix) in enumerate(specs)]
+        for req in reqs:
+            sched.add_request(req)
+        driver = Overlapped(sched, ranks, depth)
+        driver.run_to_completion(on_step=lambda out: assert_invariants(sched))
+        assert sched.block_pool.num_free_blocks == num_blocks
+        results.append([(r.output_token_ids, r.finish_reason) for r in reqs])
+        for r in reqs:
+            assert (r.output_token_ids, r.finish_reason) == reference_output(
+                r.prompt_token_ids, r.max_tokens, 32, {0, 1, 2})
+    assert results[0] == results[1]
+
+
+def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again():
+    sched, ranks = make_scheduler()
+    a = make_request(prompt_of(5), max_tokens=2)
+    sched.add_request(a)
+    first = sched.schedule()  # prefill: samples token 1 (pending)
+    assert a.num_pending == 1 and a.num_computed_tokens == 5
+    second = sched.schedule()  # decode of the pending token: samples token 2, the last
+    assert second.scheduled == [(a.seq_id, 1)] and a.num_pending == 2
+    assert sched.schedule().scheduled == []  # token 2 ends it: nothing more to run
+    sched.update_from_output(first, ranks.step(first))
+    sched.update_from_output(second, ranks.step(second))
+    assert a.finish_reason == "length" and a.output_token_ids == reference_output(
+        a.prompt_token_ids, 2, 64)[0]
+
+
+def test_a_token_for_a_request_that_stopped_meanwhile_is_dropped():
+    sched, ranks = make_scheduler()
+    a = make_request(prompt_of(5), max_tokens=10)
+    sched.add_request(a)
+    first = sched.schedule()
+    second = sched.schedule()  # scheduled before the first step's token is known
+    sampled_first, sampled_second = ranks.step(first), ranks.step(second)
+    sched.update_from_output(first, sampled_first)
+    sched.finish_request(a.request_id, RequestStatus.FINISHED_STOPPED)  # a stop string
+    assert sched.update_from_output(second, sampled_second) == []
+    assert a.output_token_ids == [sampled_first[a.seq_id]]
+    out = sched.schedule()
+    assert out.finished_ids == [a.seq_id] and out.scheduled == []
+    ranks.step(out)
+    assert not ranks.seqs and sched.block_pool.num_free_blocks == 64
+
+
+def test_blocks_are_cached_only_when_the_step_that_wrote_them_returns():
+    sched, ranks = make_scheduler(max_num_batched_tokens=8)
+    a = make_request(prompt_of(16), max_tokens=4)
+    sched.add_request(a)
+    first = sched.schedule()  # tokens 0..7: two full blocks, not yet written
+    assert a.num_cached_blocks == 0
+    sched.update_from_output(first, ranks.step(first))
+    assert a.num_cached_blocks == 2

@@ -1,0 +1,106 @@
+"""Overlapped steps (async scheduling, the default) against one step at a time: the same
+tokens, texts, finish and stop reasons and log-probs on every transport, at tp=1 and 2,
+with stop strings, stop tokens and max_tokens ending requests mid-batch and a KV cache
+small enough that the scheduler preempts."""
+
+import pytest
+
+from conftest import hf_greedy, mixed_prompts
+from spmd import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [f"Story {i}: once upon a time, in a land of {w}," for i, w in
+           enumerate("rivers hills snow sand glass iron reeds salt".split() * 2)]
+
+
+def _bytes_for_blocks(path, tp, num_blocks):
+    from workers.model_loader import load_hf_config
+
+    cfg = load_hf_config(path)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_block = 2 * 16 * (cfg.num_key_value_heads // tp) * head_dim * 4 * cfg.num_hidden_layers
+    return per_block * num_blocks
+
+
+def _params(base):
+    """Greedy, each request ended its own way: a stop string, a stop token, max_tokens, or
+    its length with log-probs (stops taken from what the model says unconstrained)."""
+    params = []
+    for i, out in enumerate(base):
+        comp = out.outputs[0]
+        kind = i % 4
+        if kind == 0:
+            stop = comp.text[len(comp.text) // 2: len(comp.text) // 2 + 2]
+            params.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                         stop=[stop] if stop.strip() else None))
+        elif kind == 1:
+            params.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                         stop_token_ids=[comp.token_ids[3 + i % 7]]))
+        elif kind == 2:
+            params.append(SamplingParams(temperature=0, max_tokens=1 + i, ignore_eos=True))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                         logprobs=2))
+    return params
+
+
+def _summary(outs):
+    rows = []
+    for out in outs:
+        comp = out.outputs[0]
+        lps = [sorted(d.items()) for d in comp.logprobs] if comp.logprobs else None
+        rows.append((comp.token_ids, comp.text, comp.finish_reason, comp.stop_reason,
+                     lps and [[(t, round(lp.logprob, 4)) for t, lp in d] for d in lps]))
+    return rows
+
+
+@pytest.mark.parametrize("backend,tp", [("inproc", 1), ("dag", 1), ("dag", 2), ("ray", 2)])
+def test_overlapped_steps_change_nothing_a_user_sees(ray_cluster, tiny_chat_model, backend, tp):
+    runs, preemptions = {}, {}
+    for async_scheduling in (False, True):
+        llm = LLM(tiny_chat_model, tensor_parallel_size=tp, backend=backend, max_model_len=128,
+                  async_scheduling=async_scheduling, max_num_batched_tokens=64,
+                  kv_cache_memory_bytes=_bytes_for_blocks(tiny_chat_model, tp, 12))
+        try:
+            assert llm.engine.core.async_scheduling is async_scheduling
+            if not async_scheduling:
+                base = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
+                                                            ignore_eos=True), use_tqdm=False)
+                params = _params(base)
+            before = llm.engine.core.stats_total["preemptions"]
+            runs[async_scheduling] = _summary(llm.generate(PROMPTS, params, use_tqdm=False))
+            preemptions[async_scheduling] = llm.engine.core.stats_total["preemptions"] - before
+            assert llm.engine.core.scheduler.block_pool.num_free_blocks == 12
+            assert llm.engine.call_all("num_live_requests") == [0] * tp
+        finally:
+            llm.shutdown()
+    assert runs[True] == runs[False]
+    reasons = {row[2] for row in runs[True]}
+    assert reasons == {"stop", "length"}, reasons
+    assert preemptions[True] > 0 and preemptions[False] > 0, preemptions
+
+
+def test_overlapped_greedy_equals_transformers_and_drains_on_park(ray_cluster, tiny_dir):
+    path = tiny_dir("llama")
+    prompts = mixed_prompts(12, 256, seed=31)
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=256)
+    try:
+        core = llm.engine.core
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                            use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 16)
+        # generate() ends by parking the ranks: nothing is left in flight or on the ranks.
+        assert not core._inflight
+        assert llm.engine.call_all("num_live_requests") == [0]
+        assert core.stats_total["generation_tokens"] == 12 * 16  # dropped tokens not counted
+    finally:
+        llm.shutdown()
+
+
+def test_async_scheduling_option_is_checked():
+    from spmd.config import EngineConfig, SchedulerConfig
+
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(scheduler=SchedulerConfig(async_scheduling="yes"))

@@ -9,6 +9,10 @@ NaN-poisoned memory (every element must be written), stale KV slots poisoned wit
 (they must be masked), ``torch.library.opcheck`` with CUDA inputs, then the median
 time of the kernel next to the eager reference body on the GPU. Last, decode attention
 at batch 256 over 512 and 2048 tokens of context, with the achieved KV read bandwidth.
+Then the FP8 KV cache (``--skip-fp8`` to leave it out): the CUDA write kernel against
+the CPU reference quantizer (same e4m3 bytes and scales), decode and mixed attention of
+bf16 queries over an FP8 cache against the float64 reference on the dequantized cache,
+and decode over FP8 next to bf16 at batch 256 (time, and bytes read per second).
 Prints one table and one JSON line; exits nonzero if any check fails.
 """
 
@@ -236,10 +240,73 @@ def _decode_bandwidth(num_kv_heads: int, batch: int, context: int, max_model_len
             "heads": f"{NUM_HEADS}/{num_kv_heads}", "us": us, "kv_GB_per_s": kv_bytes / us / 1e3}
 
 
+def _fp8_cache_from(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes a (finite) cache with the reference quantizer, on the GPU."""
+    values, scales = ops.fp8_quantize(kv_cache)
+    return values.contiguous(), scales.contiguous()
+
+
+def _fp8_checks() -> tuple[list[dict], list[str]]:
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows, failures = [], []
+    # The write kernel against the reference (CPU) quantizer: same bytes, same scales.
+    tokens, nkv = 777, 8
+    key = torch.randn(tokens, nkv, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16) * 3
+    value = torch.randn(tokens, nkv, HEAD_DIM, generator=gen, device="cuda").to(torch.bfloat16) / 5
+    slots = torch.randperm(64 * BLOCK_SIZE, generator=gen, device="cuda")[:tokens]
+    slots[::37] = -1
+    cache = torch.zeros(2, 64, BLOCK_SIZE, nkv, HEAD_DIM, dtype=torch.float8_e4m3fn, device="cuda")
+    scales = torch.zeros(cache.shape[:4], device="cuda")
+    torch.ops.spmd.write_kv_cache(key, value, cache, slots, scales)
+    ref_cache, ref_scales = cache.cpu().zero_(), scales.cpu().zero_()
+    ops._write_kv_cache(key.cpu(), value.cpu(), ref_cache, slots.cpu(), ref_scales)
+    byte_mismatch = float((cache.cpu().view(torch.uint8) != ref_cache.view(torch.uint8))
+                          .float().mean())
+    scale_err = float((scales.cpu() - ref_scales).abs().max() / ref_scales.abs().max())
+    ok = byte_mismatch < 1e-3 and scale_err < 1e-6
+    rows.append(dict(check="write_kv_cache fp8", byte_mismatch_share=byte_mismatch,
+                     scale_rel_err=scale_err, ok=ok))
+    if not ok:
+        failures.append(f"fp8 write: {byte_mismatch:.2e} of bytes differ, scales {scale_err:.2e}")
+    # Attention over an FP8 cache against float64 over the dequantized cache.
+    for label, seqs, max_query_len in (
+            ("decode S64", [(int(n), 1) for n in torch.randint(1, 4096, (64,), generator=gen,
+                                                               device="cuda")], 1),
+            ("mixed", [(1000, 1000), (700, 300), (2000, 37), (50, 1), (3000, 1)], 1000)):
+        q, kv, tables, lens, starts = _paged_batch(seqs, nkv, torch.bfloat16, gen, 4096,
+                                                   poison=False)
+        values, kv_scales = _fp8_cache_from(kv)
+        out = torch.ops.spmd.paged_attention(q, values, tables, lens, starts, max_query_len,
+                                             4096, HEAD_DIM**-0.5, kv_scales)
+        dequantized = ops.fp8_dequantize(values, kv_scales, torch.float64)
+        ref = _attention_reference(q, dequantized, tables, lens, starts, max_query_len, 4096,
+                                   HEAD_DIM**-0.5)
+        err = _rel_err(out, ref)
+        ok = err <= TOLERANCE[torch.bfloat16]
+        rows.append(dict(check=f"paged_attention fp8 {label}", rel_err=err, ok=ok))
+        if not ok:
+            failures.append(f"fp8 attention {label}: rel err {err:.2e}")
+    # Decode at batch 256: FP8 next to bf16 (half the bytes; the scales add 1/32).
+    for context in (512, 2048):
+        args = _paged_batch([(context, 1)] * 256, nkv, torch.bfloat16, gen, context, poison=False)
+        values, kv_scales = _fp8_cache_from(args[1])
+        us_bf16 = _bench_us(lambda: torch.ops.spmd.paged_attention(
+            *args, 1, context, HEAD_DIM**-0.5))
+        us_fp8 = _bench_us(lambda: torch.ops.spmd.paged_attention(
+            args[0], values, *args[2:], 1, context, HEAD_DIM**-0.5, kv_scales))
+        fp8_bytes = 256 * context * nkv * (2 * HEAD_DIM + 2 * 4)
+        rows.append(dict(check=f"decode fp8 vs bf16 B256 L{context} {NUM_HEADS}/{nkv}",
+                         us_bf16=us_bf16, us_fp8=us_fp8, speedup=us_bf16 / us_fp8,
+                         fp8_GB_per_s=fp8_bytes / us_fp8 / 1e3, ok=True))
+        torch.cuda.empty_cache()
+    return rows, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--skip-bandwidth", action="store_true")
+    parser.add_argument("--skip-fp8", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("check_kernels needs a CUDA GPU", file=sys.stderr)
@@ -278,11 +345,19 @@ def main(argv: list[str] | None = None) -> int:
         for b in bandwidth:
             print(f"{'':12s} {b['heads']:>6s} {b['batch']:6d} {b['context']:8d} "
                   f"{b['max_seq_len']:12d} {b['us']:9.1f} {b['kv_GB_per_s']:9.0f}")
+    fp8_rows = []
+    if not args.skip_fp8:
+        fp8_rows, fp8_failures = _fp8_checks()
+        failures += fp8_failures
+        print()
+        for row in fp8_rows:
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row.items()))
     for failure in failures:
         print("FAIL", failure)
     print(json.dumps({"device": torch.cuda.get_device_name(),
                       "results": [r.__dict__ for r in results], "decode_bandwidth": bandwidth,
-                      "failures": failures}))
+                      "fp8": fp8_rows, "failures": failures}))
     return 1 if failures else 0
 
 

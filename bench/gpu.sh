@@ -8,6 +8,8 @@
 #   bash bench/gpu.sh engine  # issue 13: 7B 512 prompts dag, dag-sync (no overlap), inproc, hf;
 #                             # 20 decode steps traced (device gaps); then kv_reserve=1
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
+#   bash bench/gpu.sh fp8acc  # FP8 KV accuracy on the real SmolLM2 (bench/fp8_accuracy.py);
+#                             # the GGUF (98 MB) travels in parts .gguf_a/b/c (carry limit)
 #
 # Needs the carried wheels (.whl, from ../shared/device/make-wheels.sh): Ray and msgspec
 # are not on the GPU image. JSON lines and logs go to $OUT (or ./gpu-out).
@@ -56,6 +58,14 @@ case $mode in
     # one archive: the device returns a limited number of files
     [ -d "$OUT/prof_$tag" ] && tar czf "$OUT/prof_$tag.tgz" -C "$OUT" "prof_$tag" && rm -rf "$OUT/prof_$tag"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine)"; exit 2 ;;
+  kernels)
+    run kernels python3 -m bench.check_kernels --dtypes bfloat16 --skip-bandwidth
+    ;;
+  fp8acc)
+    cat .gguf_a/part .gguf_b/part .gguf_c/part > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+    run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
+    ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

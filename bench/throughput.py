@@ -281,6 +281,16 @@ def step_stats(records: list[dict]) -> dict:
     waits through)."""
     decode = [(i, r) for i, r in enumerate(records) if r["num_tokens"] == r["num_seqs"]]
     out = dict(steps=len(records), decode_steps=len(decode))
+    # Wall time by kind of step (from the step before's output to this one's), so that a
+    # gap between backends shows whether decode or prefill (mixed) steps hold it.
+    walls = [r["done_at"] - q["done_at"] for q, r in zip(records, records[1:])]
+    is_decode = [r["num_tokens"] == r["num_seqs"] for r in records[1:]]
+    out.update(decode_wall_s=round(sum(w for w, d in zip(walls, is_decode) if d), 3),
+               mixed_wall_s=round(sum(w for w, d in zip(walls, is_decode) if not d), 3),
+               mixed_model_s=round(sum(r["model_time_s"] for r in records[1:]
+                                       if r["num_tokens"] != r["num_seqs"]), 3),
+               first_step_s=round(records[0]["round_trip_s"] + records[0]["schedule_encode_s"], 3)
+               if records else 0.0)
     if not decode:
         return out
     largest = max(r["num_seqs"] for _, r in decode)

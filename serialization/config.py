@@ -19,6 +19,7 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     tp_size: int = 1
     max_model_len: int = 2048
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (e4m3 with per-token scales)
     kv_cache_memory_bytes: int = 0  # CPU: KV budget per rank; 0: a default from free memory
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256

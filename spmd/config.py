@@ -87,6 +87,10 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
+    # auto: the model's dtype. fp8 (or fp8_e4m3): float8 e4m3 values with a float32 scale per
+    # token and kv head (no calibration), dequantized inside the attention kernels: ~1.9x
+    # the tokens in the same memory. CPU and CUDA (sm_89+) ranks.
+    kv_cache_dtype: str = "auto"
     kv_cache_memory_bytes: int = 0  # CPU: KV budget per rank; 0: a share of free memory
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -222,6 +226,12 @@ class EngineConfig:
                "max_model_len", "must be >= 1")
         _check(self.cache.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
                "must be a power of two in 1..128")
+        _check(self.cache.kv_cache_dtype in ("auto", "fp8", "fp8_e4m3"), "kv_cache_dtype",
+               f"must be auto, fp8 or fp8_e4m3, got {self.cache.kv_cache_dtype!r}")
+        _check(self.cache.kv_cache_dtype == "auto" or (
+            self.device.device in ("cpu", "cuda") and not self.device.warmup_shapes),
+            "kv_cache_dtype", f"fp8 runs on paged cpu and cuda ranks, not device="
+            f"{self.device.device!r}" + (" with warmup_shapes" if self.device.warmup_shapes else ""))
         _check(0 < self.cache.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                "must be in (0, 1]")
         _check(self.scheduler.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
@@ -350,6 +360,7 @@ class EngineConfig:
             tp_size=tp,
             max_model_len=max_model_len,
             block_size=self.cache.block_size,
+            kv_cache_dtype="fp8" if self.cache.kv_cache_dtype.startswith("fp8") else "auto",
             kv_cache_memory_bytes=self.cache.kv_cache_memory_bytes,
             gpu_memory_utilization=self.cache.gpu_memory_utilization,
             max_num_seqs=self.scheduler.max_num_seqs,

@@ -88,10 +88,13 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        kv_scales = None
+        if isinstance(kv_cache, tuple):  # FP8: (e4m3 values, per-token-and-head scales)
+            kv_cache, kv_scales = kv_cache
+        ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales)
         out = ops.paged_attention(q, kv_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, meta.max_query_len, meta.max_seq_len,
-                                  self.scale)
+                                  self.scale, kv_scales)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -158,27 +158,71 @@ def _(positions, q, k, cos_sin_cache, head_dim):
 
 
 # --------------------------------------------------------------------------- paged KV cache
+#
+# An FP8 cache (``kv_cache_dtype="fp8"``) holds float8 e4m3 values and, beside them,
+# ``kv_scales [2, num_blocks, block_size, nkv]`` float32: one scale per token and kv head,
+# amax(|x|) / 448 over the head's dims (448: e4m3's largest finite value), so that every
+# head vector uses the format's whole range and no calibration is needed. Stored value:
+# x / scale, clamped to +-448; read back as value * scale, in registers (kernels) or in
+# the attention dtype (here).
+
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1e-8  # an all-zero vector (padding) still divides by something
 
 
-@torch.library.custom_op("spmd::write_kv_cache", mutates_args=("kv_cache",))
-def _write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+def fp8_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [..., hd]`` -> (float8_e4m3fn values, float32 scales ``[...]``)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp_min(FP8_MIN_SCALE * FP8_MAX) / FP8_MAX
+    values = (x / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return values, scale
+
+
+def fp8_dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (values.float() * scale[..., None]).to(dtype)
+
+
+@torch.library.custom_op("spmd::write_kv_cache", mutates_args=("kv_cache", "kv_scales"))
+def _write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
+                    kv_scales: Tensor | None = None) -> None:
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    # view (not reshape): a copy would silently drop the write.
-    slots = kv_cache.view(2, -1, num_kv_heads, head_dim)
     keep = slot_mapping >= 0  # -1 marks padding tokens
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    slots[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    slots[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    if kv_scales is None:
+        # view (not reshape): a copy would silently drop the write.
+        slots = kv_cache.view(2, -1, num_kv_heads, head_dim)
+        slots[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+        slots[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+        return
+    # FP8: bytes are copied (index_copy_ has no float8 kernel on every device).
+    slots = kv_cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)
+    scales = kv_scales.view(2, -1, num_kv_heads)
+    for i, x in enumerate((key, value)):
+        values, scale = fp8_quantize(x)
+        slots[i].index_copy_(0, slot_mapping, values.view(torch.uint8))
+        scales[i].index_copy_(0, slot_mapping, scale)
 
 
 @_write_kv_cache.register_fake
-def _(key, value, kv_cache, slot_mapping):
+def _(key, value, kv_cache, slot_mapping, kv_scales=None):
     return None
 
 
+def _gather_blocks(kv_cache: Tensor, kv_scales: Tensor | None, block_ids: Tensor,
+                   dtype: torch.dtype) -> Tensor:
+    """``[2, len(block_ids), block_size, nkv, hd]`` of the given blocks, in ``dtype``
+    (an FP8 cache dequantized)."""
+    if kv_scales is None:
+        # index_select copies whole blocks: ~4x faster on the CPU than advanced indexing.
+        return kv_cache.index_select(1, block_ids).to(dtype)
+    values = kv_cache.view(torch.uint8).index_select(1, block_ids).view(torch.float8_e4m3fn)
+    return fp8_dequantize(values, kv_scales.index_select(1, block_ids), dtype)
+
+
 def _decode_attention(
-    q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float
+    q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence, q [S, nh, hd] -> [S, nh, hd]: one gather and one SDPA call per chunk.
 
@@ -196,14 +240,13 @@ def _decode_attention(
         torch.arange(max_blocks, device=q.device) >= num_blocks[:, None], 0
     )
     context_len = max_blocks * block_size
-    bytes_per_seq = 2 * context_len * num_kv_heads * head_dim * q.element_size()
+    bytes_per_seq = 2 * context_len * num_kv_heads * head_dim * max(4, q.element_size())
     chunk = max(1, _ATTENTION_CHUNK_BYTES // bytes_per_seq)
     out = torch.empty_like(q)
     for start in range(0, q.shape[0], chunk):
         rows = slice(start, start + chunk)
         num_rows = q[rows].shape[0]
-        # index_select copies whole blocks: ~4x faster on the CPU than advanced indexing.
-        kv = kv_cache.index_select(1, block_tables[rows].reshape(-1)).to(q.dtype)
+        kv = _gather_blocks(kv_cache, kv_scales, block_tables[rows].reshape(-1), q.dtype)
         masked = torch.arange(context_len, device=q.device) >= seq_lens[rows, None]
         # Slots past seq_len are masked out; they must hold finite values (the worker
         # zero-fills the cache and only ever writes finite K/V), since 0 * NaN survives a mask.
@@ -236,13 +279,14 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, masked: Tensor, scale: fl
 
 
 def _prefill_attention(
-    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_len: int, scale: float
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_len: int, scale: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """The last n positions of one sequence's context: q [n, nh, hd] -> [n, nh, hd], causal."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     num_queries, num_heads = q.shape[:2]
     num_blocks = (seq_len + block_size - 1) // block_size
-    kv = kv_cache.index_select(1, block_table[:num_blocks].to(torch.int64)).to(q.dtype)
+    kv = _gather_blocks(kv_cache, kv_scales, block_table[:num_blocks].to(torch.int64), q.dtype)
     k, v = kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)[:, :seq_len]
     first_pos = seq_len - num_queries
     # Chunk queries to bound the scores tensor; a chunk only needs keys up to its last position.
@@ -269,6 +313,7 @@ def _paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     # Tokens past query_start_loc[-1] are batch padding: their output is zero.
     out = torch.zeros_like(q)
@@ -277,7 +322,8 @@ def _paged_attention(
         return out
     if max_query_len == 1 and int(query_start_loc[-1]) == num_seqs:
         # Pure decode batch: sequence i owns token i.
-        out[:num_seqs] = _decode_attention(q[:num_seqs], kv_cache, block_tables, seq_lens, scale)
+        out[:num_seqs] = _decode_attention(q[:num_seqs], kv_cache, block_tables, seq_lens, scale,
+                                           kv_scales)
         return out
     starts = query_start_loc.to(torch.int64)
     query_lens = starts[1:] - starts[:-1]
@@ -285,18 +331,20 @@ def _paged_attention(
     if bool(is_decode.any()):
         decode_tokens = starts[:-1][is_decode]
         out[decode_tokens] = _decode_attention(
-            q[decode_tokens], kv_cache, block_tables[is_decode], seq_lens[is_decode], scale
-        )
+            q[decode_tokens], kv_cache, block_tables[is_decode], seq_lens[is_decode], scale,
+            kv_scales)
     lens = seq_lens.tolist()
     bounds = starts.tolist()
     for i in (~is_decode & (query_lens > 0)).nonzero().view(-1).tolist():
         tokens = slice(bounds[i], bounds[i + 1])
-        out[tokens] = _prefill_attention(q[tokens], kv_cache, block_tables[i], lens[i], scale)
+        out[tokens] = _prefill_attention(q[tokens], kv_cache, block_tables[i], lens[i], scale,
+                                         kv_scales)
     return out
 
 
 @_paged_attention.register_fake
-def _(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale):
+def _(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
+      kv_scales=None):
     return torch.empty_like(q)
 
 
@@ -366,12 +414,14 @@ def rotary_embedding(
     return torch.ops.spmd.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
 
 
-def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
+                   kv_scales: Tensor | None = None) -> None:
     """Store ``key``/``value [T, nkv, hd]`` into ``kv_cache [2, num_blocks, block_size, nkv, hd]``.
 
     Token t goes to flat slot ``slot_mapping[t] = block_id * block_size + offset``; -1 skips it.
+    With ``kv_scales`` the cache is FP8 (e4m3) and each (token, kv head) gets its scale.
     """
-    torch.ops.spmd.write_kv_cache(key, value, kv_cache, slot_mapping)
+    torch.ops.spmd.write_kv_cache(key, value, kv_cache, slot_mapping, kv_scales)
 
 
 def paged_attention(
@@ -383,17 +433,19 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     scale: float,
+    kv_scales: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of a mixed prefill/decode batch over the paged KV cache.
 
     Sequence i owns queries ``q[query_start_loc[i]:query_start_loc[i+1]]`` (n_i of them), the
     last n_i positions of its context of ``seq_lens[i]`` tokens, whose K/V (already written)
     live at ``block_tables[i, p // block_size]``, offset ``p % block_size``. GQA: query head h
-    reads kv head ``h // (nh // nkv)``. Returns ``[T, nh, hd]``.
+    reads kv head ``h // (nh // nkv)``. Returns ``[T, nh, hd]``. An FP8 cache comes with
+    its ``kv_scales`` (see ``write_kv_cache``).
     """
     return torch.ops.spmd.paged_attention(
-        q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale
-    )
+        q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len, scale,
+        kv_scales)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,

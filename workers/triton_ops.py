@@ -173,11 +173,23 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
 
 
 @triton.jit
-def _write_kv_cache_kernel(key_ptr, value_ptr, cache_ptr, slot_mapping_ptr,
+def _fp8_store(ptr, scales_ptr, dst, scale_dst, x, mask, head_mask):
+    """Quantizes ``x [HEADS_PAD, HD_PAD]`` per head (amax / 448) into e4m3 at ``ptr + dst``,
+    its scales at ``scales_ptr + scale_dst`` (as ``workers.ops.fp8_quantize``)."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8 * 448.0) / 448.0
+    values = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    tl.store(ptr + dst, values.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(scales_ptr + scale_dst, scale, mask=head_mask)
+
+
+@triton.jit
+def _write_kv_cache_kernel(key_ptr, value_ptr, cache_ptr, slot_mapping_ptr, scales_ptr,
                            key_token_stride, key_head_stride, value_token_stride, value_head_stride,
                            cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
+                           scale_kv_stride, scale_block_stride, scale_slot_stride,
                            num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HEADS_PAD: tl.constexpr, HD_PAD: tl.constexpr):
+                           HEADS_PAD: tl.constexpr, HD_PAD: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, HEADS_PAD)
@@ -190,25 +202,45 @@ def _write_kv_cache_kernel(key_ptr, value_ptr, cache_ptr, slot_mapping_ptr,
                   mask=mask)
     value = tl.load(value_ptr + token * value_token_stride + heads[:, None] * value_head_stride
                     + dims[None, :], mask=mask)
-    tl.store(cache_ptr + dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(cache_ptr + cache_kv_stride + dst, value.to(cache_ptr.dtype.element_ty), mask=mask)
+    if FP8:
+        head_mask = (heads < num_kv_heads) & (slot >= 0)
+        scale_dst = ((slot // BLOCK_SIZE) * scale_block_stride
+                     + (slot % BLOCK_SIZE) * scale_slot_stride + heads)
+        _fp8_store(cache_ptr, scales_ptr, dst, scale_dst, key, mask, head_mask)
+        _fp8_store(cache_ptr + cache_kv_stride, scales_ptr + scale_kv_stride, dst, scale_dst,
+                   value, mask, head_mask)
+    else:
+        tl.store(cache_ptr + dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(cache_ptr + cache_kv_stride + dst, value.to(cache_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+def _scale_args(kv_cache: Tensor, kv_scales: Tensor | None) -> tuple:
+    """(scales pointer, kv / block / slot strides); an unused pointer when not FP8."""
+    if kv_scales is None:
+        return (kv_cache, 0, 0, 0)
+    assert kv_scales.shape == kv_cache.shape[:4] and kv_scales.stride(-1) == 1
+    assert kv_cache.dtype == torch.float8_e4m3fn and kv_scales.dtype == torch.float32
+    return (kv_scales, *kv_scales.stride()[:3])
+
+
+def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
+                   kv_scales: Tensor | None = None) -> None:
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
     assert kv_cache.stride(-1) == 1, "kv_cache's head_dim must be contiguous"
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     if key.shape[0] == 0:
         return
+    scales, *scale_strides = _scale_args(kv_cache, kv_scales)
     _write_kv_cache_kernel[(key.shape[0],)](
-        key, value, kv_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), *kv_cache.stride()[:4], num_kv_heads, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        HD_PAD=triton.next_power_of_2(head_dim), num_warps=4)
+        key, value, kv_cache, slot_mapping, scales, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), *kv_cache.stride()[:4], *scale_strides, num_kv_heads,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HD_PAD=triton.next_power_of_2(head_dim), FP8=kv_scales is not None, num_warps=4)
 
 
 # --------------------------------------------------------------------------- attention
@@ -217,8 +249,10 @@ def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: T
 @triton.jit
 def _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mask, kv_head,
                   cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                  BLOCK_SIZE: tl.constexpr, PAD_DIMS: tl.constexpr):
-    """K and V ``[BLOCK_N, HD_PAD]`` of the given context positions, through the block table."""
+                  scales_ptr, scale_kv_stride, scale_block_stride, scale_slot_stride,
+                  BLOCK_SIZE: tl.constexpr, PAD_DIMS: tl.constexpr, FP8: tl.constexpr):
+    """K and V ``[BLOCK_N, HD_PAD]`` of the given context positions, through the block table
+    (an FP8 cache dequantized to float32 in registers)."""
     block = tl.load(block_table_row + positions // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
     offs = (block[:, None] * cache_block_stride + (positions % BLOCK_SIZE)[:, None] * cache_slot_stride
             + kv_head * cache_head_stride + dims[None, :])
@@ -229,6 +263,13 @@ def _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mas
         mask = pos_mask[:, None]
     k = tl.load(cache_ptr + offs, mask=mask, other=0.0)
     v = tl.load(cache_ptr + cache_kv_stride + offs, mask=mask, other=0.0)
+    if FP8:
+        scale_offs = (block * scale_block_stride + (positions % BLOCK_SIZE) * scale_slot_stride
+                      + kv_head)
+        k_scale = tl.load(scales_ptr + scale_offs, mask=pos_mask, other=0.0)
+        v_scale = tl.load(scales_ptr + scale_kv_stride + scale_offs, mask=pos_mask, other=0.0)
+        k = k.to(tl.float32) * k_scale[:, None]
+        v = v.to(tl.float32) * v_scale[:, None]
     return k, v
 
 
@@ -237,11 +278,12 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
                    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale,
                    q_token_stride, q_head_stride, out_token_stride, out_head_stride,
                    cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                   block_table_stride, num_heads, num_partitions,
+                   block_table_stride, scales_ptr, scale_kv_stride, scale_block_stride,
+                   scale_slot_stride, num_heads, num_partitions,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """One (sequence, kv head, partition): all GROUP query heads of the kv head at once."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -269,7 +311,8 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
         pos_mask = positions < part_end
         k, v = _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dims < HEAD_DIM,
                              kv_head, cache_kv_stride, cache_block_stride, cache_slot_stride,
-                             cache_head_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM)
+                             cache_head_stride, scales_ptr, scale_kv_stride, scale_block_stride,
+                             scale_slot_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM, FP8)
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
         scores = tl.where(pos_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -329,9 +372,10 @@ def _decode_merge_kernel(seq_lens_ptr, query_start_loc_ptr, out_ptr, part_acc_pt
 def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
                     scale, q_token_stride, q_head_stride, out_token_stride, out_head_stride,
                     cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                    block_table_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    block_table_stride, scales_ptr, scale_kv_stride, scale_block_stride,
+                    scale_slot_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Causal flash attention of BLOCK_M queries of one (sequence, head) over its paged context."""
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -361,7 +405,8 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
         pos_mask = positions < kv_end
         k, v = _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mask,
                              kv_head, cache_kv_stride, cache_block_stride, cache_slot_stride,
-                             cache_head_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM)
+                             cache_head_stride, scales_ptr, scale_kv_stride, scale_block_stride,
+                             scale_slot_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM, FP8)
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
         visible = pos_mask[None, :] & (positions[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -385,7 +430,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, max_query_len: int, max_seq_len: int, scale: float,
-                    *, partition_size: int = DECODE_PARTITION_SIZE) -> Tensor:
+                    kv_scales: Tensor | None = None, *,
+                    partition_size: int = DECODE_PARTITION_SIZE) -> Tensor:
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = kv_cache.shape[2:4]
     assert kv_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
@@ -398,7 +444,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     group = num_heads // num_kv_heads
     hd_pad = max(triton.next_power_of_2(head_dim), 16)
     common = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
-              block_tables.stride(0))
+              block_tables.stride(0), *_scale_args(kv_cache, kv_scales))
+    fp8 = kv_scales is not None
     precision = _dot_precision(q.dtype)
     if max_query_len == 1:
         assert partition_size % 64 == 0
@@ -413,7 +460,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
             part_sum, scale, *common, num_heads, num_partitions, GROUP=group,
             GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, HD_PAD=hd_pad,
             BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION_SIZE=partition_size,
-            SINGLE_PARTITION=single, DOT_PRECISION=precision, num_warps=4, num_stages=2)
+            SINGLE_PARTITION=single, DOT_PRECISION=precision, FP8=fp8, num_warps=4,
+            num_stages=2)
         if not single:
             parts_pad = triton.next_power_of_2(num_partitions)
             _decode_merge_kernel[(num_seqs, num_heads)](
@@ -432,7 +480,7 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale, *common,
         GROUP=group, HEAD_DIM=head_dim, HD_PAD=hd_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=8, num_stages=2)
+        BLOCK_N=block_n, DOT_PRECISION=precision, FP8=fp8, num_warps=8, num_stages=2)
     return out
 
 

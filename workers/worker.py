@@ -84,9 +84,28 @@ class Worker:
     def determine_num_kv_blocks(self) -> int:
         raise NotImplementedError
 
+    @property
+    def fp8_kv(self) -> bool:
+        return self.config.kv_cache_dtype == "fp8"
+
     def kv_block_bytes(self) -> int:
         shape = self.model.kv_cache_shape(1, self.config.block_size)
-        return int(np.prod(shape)) * self.dtype.itemsize * self.model.num_layers
+        if self.fp8_kv:  # one byte per value, and a float32 scale per (token, kv head)
+            per_layer = int(np.prod(shape)) + int(np.prod(shape[:-1])) * 4
+        else:
+            per_layer = int(np.prod(shape)) * self.dtype.itemsize
+        return per_layer * self.model.num_layers
+
+    def new_kv_caches(self, num_blocks: int, block_size: int) -> list:
+        """One zeroed cache per layer: a tensor, or with ``kv_cache_dtype="fp8"`` a pair
+        (float8 e4m3 values, float32 scales ``[2, num_blocks, block_size, nkv]``)."""
+        shape = self.model.kv_cache_shape(num_blocks, block_size)
+        if self.fp8_kv:
+            return [(torch.zeros(shape, dtype=torch.float8_e4m3fn, device=self.device),
+                     torch.zeros(shape[:-1], dtype=torch.float32, device=self.device))
+                    for _ in range(self.model.num_layers)]
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.model.num_layers)]
 
     # ---- transport entry point ----------------------------------------------------
 
@@ -123,9 +142,7 @@ class Worker:
         return os.getpid()
 
     def initialize_cache(self, num_blocks: int) -> int:
-        shape = self.model.kv_cache_shape(num_blocks, self.config.block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(self.model.num_layers)]
+        self.kv_caches = self.new_kv_caches(num_blocks, self.config.block_size)
         return num_blocks
 
     def num_live_requests(self) -> int:
@@ -159,8 +176,7 @@ class Worker:
             raise ValueError(f"last: {last} outside 1..{n}")
         num_blocks = -(-n // bs)
         dev = self.device
-        caches = [torch.zeros(self.model.kv_cache_shape(num_blocks, bs), dtype=self.dtype,
-                              device=dev) for _ in range(self.model.num_layers)]
+        caches = self.new_kv_caches(num_blocks, bs)  # the serving cache's dtype
         meta = AttentionMetadata(
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),

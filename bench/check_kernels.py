@@ -242,8 +242,7 @@ def _decode_bandwidth(num_kv_heads: int, batch: int, context: int, max_model_len
 
 def _fp8_cache_from(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantizes a (finite) cache with the reference quantizer, on the GPU."""
-    values, scales = ops.fp8_quantize(kv_cache)
-    return values.contiguous(), scales.contiguous()
+    return ops.fp8_quantize_cache(kv_cache)
 
 
 def _fp8_checks() -> tuple[list[dict], list[str]]:
@@ -256,10 +255,10 @@ def _fp8_checks() -> tuple[list[dict], list[str]]:
     slots = torch.randperm(64 * BLOCK_SIZE, generator=gen, device="cuda")[:tokens]
     slots[::37] = -1
     cache = torch.zeros(2, 64, BLOCK_SIZE, nkv, HEAD_DIM, dtype=torch.float8_e4m3fn, device="cuda")
-    scales = torch.zeros(cache.shape[:4], device="cuda")
-    torch.ops.spmd.write_kv_cache(key, value, cache, slots, scales)
-    ref_cache, ref_scales = cache.cpu().zero_(), scales.cpu().zero_()
-    ops._write_kv_cache(key.cpu(), value.cpu(), ref_cache, slots.cpu(), ref_scales)
+    scales = torch.zeros(2, 64, nkv, BLOCK_SIZE, device="cuda")
+    torch.ops.spmd.write_kv_cache_fp8(key, value, cache, scales, slots)
+    ref_cache, ref_scales = torch.zeros_like(cache, device="cpu"), torch.zeros_like(scales, device="cpu")
+    ops._write_kv_cache_fp8(key.cpu(), value.cpu(), ref_cache, ref_scales, slots.cpu())
     byte_mismatch = float((cache.cpu().view(torch.uint8) != ref_cache.view(torch.uint8))
                           .float().mean())
     scale_err = float((scales.cpu() - ref_scales).abs().max() / ref_scales.abs().max())
@@ -278,7 +277,7 @@ def _fp8_checks() -> tuple[list[dict], list[str]]:
         values, kv_scales = _fp8_cache_from(kv)
         out = torch.ops.spmd.paged_attention(q, values, tables, lens, starts, max_query_len,
                                              4096, HEAD_DIM**-0.5, kv_scales)
-        dequantized = ops.fp8_dequantize(values, kv_scales, torch.float64)
+        dequantized = ops.fp8_dequantize_cache(values, kv_scales, torch.float64)
         ref = _attention_reference(q, dequantized, tables, lens, starts, max_query_len, 4096,
                                    HEAD_DIM**-0.5)
         err = _rel_err(out, ref)

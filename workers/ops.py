@@ -160,7 +160,8 @@ def _(positions, q, k, cos_sin_cache, head_dim):
 # --------------------------------------------------------------------------- paged KV cache
 #
 # An FP8 cache (``kv_cache_dtype="fp8"``) holds float8 e4m3 values and, beside them,
-# ``kv_scales [2, num_blocks, block_size, nkv]`` float32: one scale per token and kv head,
+# ``kv_scales [2, num_blocks, nkv, block_size]`` float32: one scale per token and kv head
+# (a block's scales of one head side by side, so that a kernel reads them in one load),
 # amax(|x|) / 448 over the head's dims (448: e4m3's largest finite value), so that every
 # head vector uses the format's whole range and no calibration is needed. Stored value:
 # x / scale, clamped to +-448; read back as value * scale, in registers (kernels) or in
@@ -182,30 +183,52 @@ def fp8_dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (values.float() * scale[..., None]).to(dtype)
 
 
-@torch.library.custom_op("spmd::write_kv_cache", mutates_args=("kv_cache", "kv_scales"))
-def _write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
-                    kv_scales: Tensor | None = None) -> None:
+def fp8_quantize_cache(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """A whole cache ``[2, blocks, block_size, nkv, hd]`` -> (e4m3 values, ``kv_scales``)."""
+    values, scale = fp8_quantize(kv_cache)
+    return values, scale.transpose(2, 3).contiguous()
+
+
+def fp8_dequantize_cache(values: Tensor, kv_scales: Tensor, dtype: torch.dtype) -> Tensor:
+    return fp8_dequantize(values, kv_scales.transpose(2, 3), dtype)
+
+
+@torch.library.custom_op("spmd::write_kv_cache", mutates_args=("kv_cache",))
+def _write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
     num_kv_heads, head_dim = kv_cache.shape[-2:]
+    # view (not reshape): a copy would silently drop the write.
+    slots = kv_cache.view(2, -1, num_kv_heads, head_dim)
     keep = slot_mapping >= 0  # -1 marks padding tokens
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    if kv_scales is None:
-        # view (not reshape): a copy would silently drop the write.
-        slots = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        slots[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-        slots[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
-        return
-    # FP8: bytes are copied (index_copy_ has no float8 kernel on every device).
-    slots = kv_cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)
-    scales = kv_scales.view(2, -1, num_kv_heads)
-    for i, x in enumerate((key, value)):
-        values, scale = fp8_quantize(x)
-        slots[i].index_copy_(0, slot_mapping, values.view(torch.uint8))
-        scales[i].index_copy_(0, slot_mapping, scale)
+    slots[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    slots[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
 @_write_kv_cache.register_fake
-def _(key, value, kv_cache, slot_mapping, kv_scales=None):
+def _(key, value, kv_cache, slot_mapping):
+    return None
+
+
+@torch.library.custom_op("spmd::write_kv_cache_fp8", mutates_args=("kv_cache", "kv_scales"))
+def _write_kv_cache_fp8(key: Tensor, value: Tensor, kv_cache: Tensor, kv_scales: Tensor,
+                        slot_mapping: Tensor) -> None:
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0  # -1 marks padding tokens
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    # Bytes are copied (index_copy_ has no float8 kernel on every device).
+    slots = kv_cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim)
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    for i, x in enumerate((key, value)):
+        values, scale = fp8_quantize(x)
+        slots[i].index_copy_(0, slot_mapping, values.view(torch.uint8))
+        kv_scales[i, blocks, :, offsets] = scale
+
+
+@_write_kv_cache_fp8.register_fake
+def _(key, value, kv_cache, kv_scales, slot_mapping):
     return None
 
 
@@ -217,7 +240,7 @@ def _gather_blocks(kv_cache: Tensor, kv_scales: Tensor | None, block_ids: Tensor
         # index_select copies whole blocks: ~4x faster on the CPU than advanced indexing.
         return kv_cache.index_select(1, block_ids).to(dtype)
     values = kv_cache.view(torch.uint8).index_select(1, block_ids).view(torch.float8_e4m3fn)
-    return fp8_dequantize(values, kv_scales.index_select(1, block_ids), dtype)
+    return fp8_dequantize_cache(values, kv_scales.index_select(1, block_ids), dtype)
 
 
 def _decode_attention(
@@ -421,7 +444,10 @@ def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: T
     Token t goes to flat slot ``slot_mapping[t] = block_id * block_size + offset``; -1 skips it.
     With ``kv_scales`` the cache is FP8 (e4m3) and each (token, kv head) gets its scale.
     """
-    torch.ops.spmd.write_kv_cache(key, value, kv_cache, slot_mapping, kv_scales)
+    if kv_scales is None:
+        torch.ops.spmd.write_kv_cache(key, value, kv_cache, slot_mapping)
+    else:
+        torch.ops.spmd.write_kv_cache_fp8(key, value, kv_cache, kv_scales, slot_mapping)
 
 
 def paged_attention(

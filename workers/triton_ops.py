@@ -187,7 +187,7 @@ def _fp8_store(ptr, scales_ptr, dst, scale_dst, x, mask, head_mask):
 def _write_kv_cache_kernel(key_ptr, value_ptr, cache_ptr, slot_mapping_ptr, scales_ptr,
                            key_token_stride, key_head_stride, value_token_stride, value_head_stride,
                            cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                           scale_kv_stride, scale_block_stride, scale_slot_stride,
+                           scale_kv_stride, scale_block_stride, scale_head_stride,
                            num_kv_heads, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                            HEADS_PAD: tl.constexpr, HD_PAD: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
@@ -204,8 +204,8 @@ def _write_kv_cache_kernel(key_ptr, value_ptr, cache_ptr, slot_mapping_ptr, scal
                     + dims[None, :], mask=mask)
     if FP8:
         head_mask = (heads < num_kv_heads) & (slot >= 0)
-        scale_dst = ((slot // BLOCK_SIZE) * scale_block_stride
-                     + (slot % BLOCK_SIZE) * scale_slot_stride + heads)
+        scale_dst = ((slot // BLOCK_SIZE) * scale_block_stride + heads * scale_head_stride
+                     + slot % BLOCK_SIZE)
         _fp8_store(cache_ptr, scales_ptr, dst, scale_dst, key, mask, head_mask)
         _fp8_store(cache_ptr + cache_kv_stride, scales_ptr + scale_kv_stride, dst, scale_dst,
                    value, mask, head_mask)
@@ -220,12 +220,18 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 
 def _scale_args(kv_cache: Tensor, kv_scales: Tensor | None) -> tuple:
-    """(scales pointer, kv / block / slot strides); an unused pointer when not FP8."""
+    """(scales pointer, kv / block / head strides); an unused pointer when not FP8."""
     if kv_scales is None:
         return (kv_cache, 0, 0, 0)
-    assert kv_scales.shape == kv_cache.shape[:4] and kv_scales.stride(-1) == 1
+    two, blocks, block_size, heads = kv_cache.shape[:4]
+    assert kv_scales.shape == (two, blocks, heads, block_size) and kv_scales.stride(-1) == 1
     assert kv_cache.dtype == torch.float8_e4m3fn and kv_scales.dtype == torch.float32
     return (kv_scales, *kv_scales.stride()[:3])
+
+
+def write_kv_cache_fp8(key: Tensor, value: Tensor, kv_cache: Tensor, kv_scales: Tensor,
+                       slot_mapping: Tensor) -> None:
+    write_kv_cache(key, value, kv_cache, slot_mapping, kv_scales)
 
 
 def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
@@ -249,10 +255,11 @@ def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: T
 @triton.jit
 def _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mask, kv_head,
                   cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                  scales_ptr, scale_kv_stride, scale_block_stride, scale_slot_stride,
+                  scales_ptr, scale_kv_stride, scale_block_stride, scale_head_stride,
                   BLOCK_SIZE: tl.constexpr, PAD_DIMS: tl.constexpr, FP8: tl.constexpr):
-    """K and V ``[BLOCK_N, HD_PAD]`` of the given context positions, through the block table
-    (an FP8 cache dequantized to float32 in registers)."""
+    """K and V ``[BLOCK_N, HD_PAD]`` of the given context positions, through the block table,
+    as stored, and (FP8) their scales ``[BLOCK_N]`` (ones otherwise): the callers apply
+    K's to the scores and V's to the probabilities, in registers."""
     block = tl.load(block_table_row + positions // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
     offs = (block[:, None] * cache_block_stride + (positions % BLOCK_SIZE)[:, None] * cache_slot_stride
             + kv_head * cache_head_stride + dims[None, :])
@@ -264,13 +271,13 @@ def _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mas
     k = tl.load(cache_ptr + offs, mask=mask, other=0.0)
     v = tl.load(cache_ptr + cache_kv_stride + offs, mask=mask, other=0.0)
     if FP8:
-        scale_offs = (block * scale_block_stride + (positions % BLOCK_SIZE) * scale_slot_stride
-                      + kv_head)
+        scale_offs = block * scale_block_stride + kv_head * scale_head_stride + positions % BLOCK_SIZE
         k_scale = tl.load(scales_ptr + scale_offs, mask=pos_mask, other=0.0)
         v_scale = tl.load(scales_ptr + scale_kv_stride + scale_offs, mask=pos_mask, other=0.0)
-        k = k.to(tl.float32) * k_scale[:, None]
-        v = v.to(tl.float32) * v_scale[:, None]
-    return k, v
+    else:
+        k_scale = tl.full(positions.shape, 1.0, tl.float32)
+        v_scale = k_scale
+    return k, v, k_scale, v_scale
 
 
 @triton.jit
@@ -279,7 +286,7 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
                    q_token_stride, q_head_stride, out_token_stride, out_head_stride,
                    cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
                    block_table_stride, scales_ptr, scale_kv_stride, scale_block_stride,
-                   scale_slot_stride, num_heads, num_partitions,
+                   scale_head_stride, num_heads, num_partitions,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
@@ -309,16 +316,23 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
     for start in range(part_start, part_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         pos_mask = positions < part_end
-        k, v = _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dims < HEAD_DIM,
-                             kv_head, cache_kv_stride, cache_block_stride, cache_slot_stride,
-                             cache_head_stride, scales_ptr, scale_kv_stride, scale_block_stride,
-                             scale_slot_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM, FP8)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+        k, v, k_scale, v_scale = _load_kv_tile(
+            cache_ptr, block_table_row, positions, pos_mask, dims, dims < HEAD_DIM, kv_head,
+            cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride, scales_ptr,
+            scale_kv_stride, scale_block_stride, scale_head_stride, BLOCK_SIZE,
+            HD_PAD != HEAD_DIM, FP8)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if FP8:
+            scores = scores * (k_scale * scale)[None, :]
+        else:
+            scores = scores * scale
         scores = tl.where(pos_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP8:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)
         m_i = m_new
@@ -373,7 +387,7 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
                     scale, q_token_stride, q_head_stride, out_token_stride, out_head_stride,
                     cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
                     block_table_stride, scales_ptr, scale_kv_stride, scale_block_stride,
-                    scale_slot_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    scale_head_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
     """Causal flash attention of BLOCK_M queries of one (sequence, head) over its paged context."""
@@ -403,11 +417,16 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
     for start in range(0, kv_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         pos_mask = positions < kv_end
-        k, v = _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mask,
-                             kv_head, cache_kv_stride, cache_block_stride, cache_slot_stride,
-                             cache_head_stride, scales_ptr, scale_kv_stride, scale_block_stride,
-                             scale_slot_stride, BLOCK_SIZE, HD_PAD != HEAD_DIM, FP8)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale
+        k, v, k_scale, v_scale = _load_kv_tile(
+            cache_ptr, block_table_row, positions, pos_mask, dims, dim_mask, kv_head,
+            cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride, scales_ptr,
+            scale_kv_stride, scale_block_stride, scale_head_stride, BLOCK_SIZE,
+            HD_PAD != HEAD_DIM, FP8)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if FP8:
+            scores = scores * (k_scale * scale)[None, :]
+        else:
+            scores = scores * scale
         visible = pos_mask[None, :] & (positions[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         # Key 0 is visible to every row, so m_new is finite from the first tile on.
@@ -415,6 +434,8 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP8:
+            p = p * v_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
                                             input_precision=DOT_PRECISION)
         m_i = m_new
@@ -486,5 +507,6 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
 
 for _name, _fn in (("rms_norm", rms_norm), ("fused_add_rms_norm", fused_add_rms_norm),
                    ("silu_and_mul", silu_and_mul), ("rotary_embedding", rotary_embedding),
-                   ("write_kv_cache", write_kv_cache), ("paged_attention", paged_attention)):
+                   ("write_kv_cache", write_kv_cache), ("write_kv_cache_fp8", write_kv_cache_fp8),
+                   ("paged_attention", paged_attention)):
     torch.library.register_kernel(f"spmd::{_name}", "cuda", _fn)

@@ -98,11 +98,12 @@ class Worker:
 
     def new_kv_caches(self, num_blocks: int, block_size: int) -> list:
         """One zeroed cache per layer: a tensor, or with ``kv_cache_dtype="fp8"`` a pair
-        (float8 e4m3 values, float32 scales ``[2, num_blocks, block_size, nkv]``)."""
+        (float8 e4m3 values, float32 scales ``[2, num_blocks, nkv, block_size]``)."""
         shape = self.model.kv_cache_shape(num_blocks, block_size)
         if self.fp8_kv:
             return [(torch.zeros(shape, dtype=torch.float8_e4m3fn, device=self.device),
-                     torch.zeros(shape[:-1], dtype=torch.float32, device=self.device))
+                     torch.zeros((*shape[:2], shape[3], shape[2]), dtype=torch.float32,
+                                 device=self.device))
                     for _ in range(self.model.num_layers)]
         return [torch.zeros(shape, dtype=self.dtype, device=self.device)
                 for _ in range(self.model.num_layers)]

@@ -347,6 +347,39 @@ def test_write_kv_cache(dtype):
         assert torch.equal(kv_cache, expected)
 
 
+def test_fp8_write_and_attention_opcheck_and_roundtrip():
+    """The FP8 ops' schemas and fakes, and the write stores x / scale with scale =
+    amax / 448 per (token, kv head), at the slot the mapping names."""
+    gen = _gen(12)
+    num_blocks, block_size, num_kv_heads, head_dim = 5, 4, 2, 8
+    slot_mapping = torch.tensor([3, -1, 12, 19, 6], dtype=torch.int64)
+    key = _randn(5, num_kv_heads, head_dim, dtype=torch.float32, gen=gen) * 4
+    value = _randn(5, num_kv_heads, head_dim, dtype=torch.float32, gen=gen)
+    cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn)
+    scales = torch.zeros(2, num_blocks, num_kv_heads, block_size)
+    # Not test_schema: it compares float8 tensors with an op the CPU lacks for float8.
+    utils = ("test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.spmd.write_kv_cache_fp8,
+                          (key, value, cache.clone(), scales.clone(), slot_mapping), test_utils=utils)
+    ops.write_kv_cache(key, value, cache, slot_mapping, scales)
+    back = ops.fp8_dequantize_cache(cache, scales, torch.float32)
+    for t, slot in enumerate(slot_mapping.tolist()):
+        block, offset = divmod(slot, block_size)
+        for i, x in enumerate((key, value)):
+            if slot < 0:
+                continue
+            amax = x[t].abs().amax(-1)
+            torch.testing.assert_close(scales[i, block, :, offset], amax / ops.FP8_MAX)
+            assert ((back[i, block, offset] - x[t]).abs() <= amax[:, None] * 2**-4).all()
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slot_mapping[slot_mapping >= 0]] = True
+    assert (back.view(2, -1, num_kv_heads, head_dim)[:, ~written] == 0).all()
+    args, _ = _paged_batch([1, 3], [6, 9], block_size=block_size, seed=13)
+    values, kv_scales = ops.fp8_quantize_cache(args[1].nan_to_num(0.0))
+    torch.library.opcheck(torch.ops.spmd.paged_attention, (args[0], values, *args[2:], kv_scales),
+                          test_utils=utils)
+
+
 def test_ops_trace_under_torch_compile():
     """Write then attend in one compiled graph: the fake impls and the in-place write trace."""
     args, contexts = _paged_batch([1, 4], [6, 4], block_size=4, seed=11)

@@ -219,8 +219,8 @@ def _fp8_cache(num_blocks, num_kv_heads, head_dim, gen):
     kv *= torch.rand(2, num_blocks * BLOCK_SIZE, num_kv_heads, 1, generator=gen) * 8
     cache = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim,
                         dtype=torch.float8_e4m3fn)
-    scales = torch.zeros(2, num_blocks, BLOCK_SIZE, num_kv_heads)
-    ops._write_kv_cache(kv[0], kv[1], cache, torch.arange(num_blocks * BLOCK_SIZE), scales)
+    scales = torch.zeros(2, num_blocks, num_kv_heads, BLOCK_SIZE)
+    ops._write_kv_cache_fp8(kv[0], kv[1], cache, scales, torch.arange(num_blocks * BLOCK_SIZE))
     return kv, cache, scales
 
 
@@ -234,10 +234,11 @@ def _check_write_kv_cache_fp8():
     slots[[1, 8]] = -1
     shape = (2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
     expected = torch.zeros(shape, dtype=torch.float8_e4m3fn)
-    expected_scales = torch.full(shape[:4], -1.0)
-    ops._write_kv_cache(key, value, expected, slots, expected_scales)
+    scale_shape = (2, num_blocks, num_kv_heads, BLOCK_SIZE)
+    expected_scales = torch.full(scale_shape, -1.0)
+    ops._write_kv_cache_fp8(key, value, expected, expected_scales, slots)
     cache = torch.zeros(shape, dtype=torch.float8_e4m3fn)
-    scales = torch.full(shape[:4], -1.0)
+    scales = torch.full(scale_shape, -1.0)
     triton_ops.write_kv_cache(key, value, cache, slots, scales)
     torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
     # The same e4m3 values, except where the interpreter's float8 conversion loses the
@@ -248,11 +249,8 @@ def _check_write_kv_cache_fp8():
     assert torch.equal(torch.where(carry_bug, want, actual), want)
     assert carry_bug.float().mean() < 0.01
     # Dequantized, every stored vector is the input within e4m3's half-ulp (2^-4 relative).
-    flat = cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim).view(torch.float8_e4m3fn)
-    back = ops.fp8_dequantize(flat, scales.view(2, -1, num_kv_heads), torch.float32)
-    flat_want = expected.view(torch.uint8).view(2, -1, num_kv_heads, head_dim).view(
-        torch.float8_e4m3fn)
-    back = ops.fp8_dequantize(flat_want, scales.view(2, -1, num_kv_heads), torch.float32)
+    back = ops.fp8_dequantize_cache(expected, scales, torch.float32).view(
+        2, -1, num_kv_heads, head_dim)
     for i, x in enumerate((key, value)):
         keep = slots >= 0
         err = (back[i][slots[keep]] - x[keep]).abs()
@@ -281,9 +279,8 @@ def _check_attention_fp8(seqs, num_heads, num_kv_heads, head_dim, dtype_name, se
     assert actual.dtype == dtype and torch.isfinite(actual).all()
     live = int(query_start_loc[-1])
     reference = ops._paged_attention(q.double(), cache, *args, scales)
-    flat = cache.view(torch.uint8).view(2, -1, num_kv_heads, head_dim).view(torch.float8_e4m3fn)
-    dequantized = ops.fp8_dequantize(flat, scales.view(2, -1, num_kv_heads), torch.float64)
-    plain = ops._paged_attention(q.double(), dequantized.view(cache.shape), *args)
+    dequantized = ops.fp8_dequantize_cache(cache, scales, torch.float64)
+    plain = ops._paged_attention(q.double(), dequantized, *args)
     torch.testing.assert_close(reference, plain, rtol=1e-12, atol=1e-12)
     rel = float((actual[:live].double() - reference[:live]).norm() / reference[:live].norm())
     assert rel < (1e-6 if dtype == torch.float32 else 1e-3), rel

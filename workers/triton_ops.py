@@ -290,7 +290,7 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, DOT16: tl.constexpr):
     """One (sequence, kv head, partition): all GROUP query heads of the kv head at once."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -309,6 +309,8 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
     q_mask = (groups[:, None] < GROUP) & (dims[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + q_start * q_token_stride + heads[:, None] * q_head_stride + dims[None, :],
                 mask=q_mask, other=0.0)
+    if DOT16:  # FP8 K/V with bf16 queries: e4m3 -> fp16 is one instruction per pair, exact
+        q = q.to(tl.float16)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -389,7 +391,8 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
                     block_table_stride, scales_ptr, scale_kv_stride, scale_block_stride,
                     scale_head_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                    DOT16: tl.constexpr):
     """Causal flash attention of BLOCK_M queries of one (sequence, head) over its paged context."""
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -407,6 +410,8 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
     q_rows = q_start + rows
     q = tl.load(q_ptr + q_rows[:, None] * q_token_stride + head * q_head_stride + dims[None, :],
                 mask=q_mask, other=0.0)
+    if DOT16:
+        q = q.to(tl.float16)
     # The queries are the last q_len positions of the context.
     q_pos = seq_len - q_len + rows
     kv_end = tl.minimum(seq_len, seq_len - q_len + (m_block + 1) * BLOCK_M)
@@ -467,6 +472,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     common = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *kv_cache.stride()[:4],
               block_tables.stride(0), *_scale_args(kv_cache, kv_scales))
     fp8 = kv_scales is not None
+    # e4m3 -> bf16 goes through float32 (several instructions per value); -> fp16 is native
+    # (sm_89+) and exact, and bf16 queries (|q| far below 65504) fit fp16.
+    dot16 = fp8 and q.dtype == torch.bfloat16
     precision = _dot_precision(q.dtype)
     if max_query_len == 1:
         assert partition_size % 64 == 0
@@ -481,7 +489,7 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
             part_sum, scale, *common, num_heads, num_partitions, GROUP=group,
             GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, HD_PAD=hd_pad,
             BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION_SIZE=partition_size,
-            SINGLE_PARTITION=single, DOT_PRECISION=precision, FP8=fp8, num_warps=4,
+            SINGLE_PARTITION=single, DOT_PRECISION=precision, FP8=fp8, DOT16=dot16, num_warps=4,
             num_stages=2)
         if not single:
             parts_pad = triton.next_power_of_2(num_partitions)
@@ -501,7 +509,8 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), num_seqs, num_heads)](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale, *common,
         GROUP=group, HEAD_DIM=head_dim, HD_PAD=hd_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, DOT_PRECISION=precision, FP8=fp8, num_warps=8, num_stages=2)
+        BLOCK_N=block_n, DOT_PRECISION=precision, FP8=fp8, DOT16=dot16, num_warps=8,
+        num_stages=2)
     return out
 
 

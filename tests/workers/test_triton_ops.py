@@ -344,13 +344,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             build(T._decode_kernel, dtype,
                   {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": head_dim, "HD_PAD": head_dim,
                    "BLOCK_SIZE": 16, "BLOCK_N": 64, "PARTITION_SIZE": 512,
-                   "SINGLE_PARTITION": False, "DOT_PRECISION": precision, "FP8": fp8},
+                   "SINGLE_PARTITION": False, "DOT_PRECISION": precision, "FP8": fp8,
+                   "DOT16": fp8},
                   ptrs=cache)
             block_m, block_n = (32, 32) if dtype == "fp32" else (128, 64)
             build(T._prefill_kernel, dtype,
                   {"GROUP": 4, "HEAD_DIM": head_dim, "HD_PAD": head_dim, "BLOCK_SIZE": 16,
                    "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": precision,
-                   "FP8": fp8}, 8, ptrs=cache)
+                   "FP8": fp8, "DOT16": fp8}, 8, ptrs=cache)
         build(T._decode_merge_kernel, dtype,
               {"HEAD_DIM": 128, "HD_PAD": 128, "PARTS_PAD": 8, "MERGE_BLOCK": 8,
                "PARTITION_SIZE": 512})

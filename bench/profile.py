@@ -166,7 +166,7 @@ def build_engine(model_path: str, args):
         device=args.device, max_num_seqs=args.batch_size, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens or args.batch_size * args.input_len,
         num_threads_per_rank=args.num_threads_per_rank, seed=args.seed, skip_tokenizer_init=True,
-        **device_options)
+        async_scheduling=False, **device_options)  # steps profiled one at a time
     return Engine(config, stream_outputs=False)
 
 

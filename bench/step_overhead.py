@@ -178,7 +178,8 @@ def measure_engine(args) -> list[dict]:
         engine = Engine(EngineConfig.from_kwargs(
             model=materialize("tiny", max_position_embeddings=max_len), load_format="dummy",
             backend="inproc", skip_tokenizer_init=True, max_model_len=max_len,
-            max_num_seqs=batch_size, block_size=args.block_size, max_num_batched_tokens=budget))
+            max_num_seqs=batch_size, block_size=args.block_size, max_num_batched_tokens=budget,
+            async_scheduling=False))  # one step's cost, one step at a time
         engine.transport.shutdown()
         engine.core.transport = InProcTransport(NullWorker, engine.rank_config)
         try:

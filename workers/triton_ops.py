@@ -281,6 +281,15 @@ def _load_kv_tile(cache_ptr, block_table_row, positions, pos_mask, dims, dim_mas
 
 
 @triton.jit
+def _scaled_scores(q, k, k_scale, scale, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr):
+    """``q @ k^T * scale`` (an FP8 tile's per-position K scales folded in)."""
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    if FP8:
+        return scores * (k_scale * scale)[None, :]
+    return scores * scale
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale,
                    q_token_stride, q_head_stride, out_token_stride, out_head_stride,
@@ -323,11 +332,7 @@ def _decode_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start
             cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride, scales_ptr,
             scale_kv_stride, scale_block_stride, scale_head_stride, BLOCK_SIZE,
             HD_PAD != HEAD_DIM, FP8)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        if FP8:
-            scores = scores * (k_scale * scale)[None, :]
-        else:
-            scores = scores * scale
+        scores = _scaled_scores(q, k, k_scale, scale, DOT_PRECISION, FP8)
         scores = tl.where(pos_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -427,11 +432,7 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
             cache_kv_stride, cache_block_stride, cache_slot_stride, cache_head_stride, scales_ptr,
             scale_kv_stride, scale_block_stride, scale_head_stride, BLOCK_SIZE,
             HD_PAD != HEAD_DIM, FP8)
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        if FP8:
-            scores = scores * (k_scale * scale)[None, :]
-        else:
-            scores = scores * scale
+        scores = _scaled_scores(q, k, k_scale, scale, DOT_PRECISION, FP8)
         visible = pos_mask[None, :] & (positions[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         # Key 0 is visible to every row, so m_new is finite from the first tile on.

@@ -50,6 +50,9 @@ class Worker:
     device: torch.device
     _fault: tuple[str, object] | None = None  # set by fail_next_step / hang_next_step
     lora_lanes = False  # static-shape ranks run LoRA as lanes (lora_ops.lora_lanes)
+    _profile: StepProfile | None = None  # a traced window of steps (profile_steps)
+    _num_steps = 0
+    _last_step_end = 0.0  # when the last step's tokens were on the host
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -69,9 +72,6 @@ class Worker:
         self._thread = threading.get_ident()
         # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._last_step_end = 0.0  # when the last step's tokens were on the host
-        self._num_steps = 0
-        self._profile: StepProfile | None = None
 
     # ---- device hooks (mixins) --------------------------------------------------
 

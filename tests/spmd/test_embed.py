@@ -148,7 +148,7 @@ def test_minilm_texts_tokenized_together_equal_each_alone(minilm):
     alone = [minilm.embed(t, truncate_prompt_tokens=-1)[0] for t in texts]
     assert [o.prompt_token_ids for o in together] == [o.prompt_token_ids for o in alone]
     assert len(together[0].prompt_token_ids) == 256 and together[0].prompt_token_ids[-1] == 102
-    np.testing.assert_allclose(_embs(together), _embs(alone), rtol=0, atol=2e-7)
+    np.testing.assert_allclose(_embs(together), _embs(alone), rtol=0, atol=5e-7)  # float32 GEMM shapes differ: 2.5e-7 seen on an Intel Xeon host
     mixed = minilm.embed(["hello there", {"prompt_token_ids": [101, 7592, 102]}],
                          [PoolingParams(truncate_prompt_tokens=2), PoolingParams()])
     assert [o.prompt_token_ids for o in mixed] == [[101, 102], [101, 7592, 102]]

@@ -94,17 +94,17 @@ def test_an_adapter_travels_only_in_its_new_request(llm, loras, prompts):
 
     sent = []
     transport = llm.engine.core.transport
-    step = transport.step
+    submit = transport.submit  # every step goes through it (two in flight)
 
     def spy(data, *args):
         sent.append(decode_rank_input(data))
-        return step(data, *args)
+        return submit(data, *args)
 
-    transport.step = spy
+    transport.submit = spy
     try:
         llm.generate([prompts[1]], GREEDY, lora_request=loras[0], use_tqdm=False)
     finally:
-        transport.step = step
+        transport.submit = submit
     steps = [m for m in sent if m.scheduled_seq_ids]
     assert [r.lora_id for r in steps[0].new_requests] == [1]
     assert all(not m.new_requests and not m.lora_slots for m in steps[1:])

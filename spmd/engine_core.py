@@ -30,6 +30,7 @@ from serialization import (
     EncodeBatch,
     EngineCoreRequest,
     PooledOutput,
+    PoolerOutput,
     PoolingRequest,
     RankCall,
     RequestError,
@@ -230,13 +231,13 @@ class EngineCore:
         if self._fatal is not None:
             raise RuntimeError(f"the engine stopped after a fatal failure ({self._fatal}); "
                                "start a new one")
-        if self.task == "embed":
-            return self._encode_step()
         if self._fetched:
             return self._fetched.pop(0)
-        depth = 2 if self.async_scheduling else 1
+        # Prefill-only batches keep nothing on the ranks: two always fly.
+        submit = self._submit_encode if self.task == "embed" else self._submit_step
+        depth = 2 if self.task == "embed" or self.async_scheduling else 1
         while len(self._inflight) < depth:
-            sent = self._submit_step()
+            sent = submit()
             if sent is None:
                 break
             if isinstance(sent, StepOutputs):  # it could not be sent: it failed here
@@ -244,7 +245,7 @@ class EngineCore:
                 return self._fetched.pop(0)
         if not self._inflight:
             return None
-        return self._fetch_step()
+        return self._fetch()
 
     def _submit_step(self) -> "_Flight | StepOutputs | None":
         """Schedules, encodes and sends one step; None when there is nothing to send."""
@@ -259,9 +260,9 @@ class EngineCore:
                     r.lora_id for r in itertools.chain(sched.new_requests, sched.resumed))):
                 lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running)
         except Exception as e:  # an adapter's files changed since add_lora checked them
-            return self._fail_steps([_Flight(sched)],
+            return self._fail_steps([_Flight(sched, 0, t0)],
                                     f"an adapter could not be loaded: {type(e).__name__}: {e}")
-        flight = _Flight(sched, lora_slots=lora_slots, t0=t0)
+        flight = _Flight(sched, sched.total_num_scheduled_tokens, t0, lora_slots)
         try:
             data = encode(to_message(sched, lora_slots))
         except Exception as e:  # a value the wire format cannot carry (validation missed it)
@@ -272,29 +273,52 @@ class EngineCore:
         try:
             flight.handle = self.transport.submit(data)
         except RankFailure as e:
-            if e.fatal:  # a dead or hung rank, or a broken transport: the engine stops
-                self._fatal = str(e).splitlines()[0]
-                raise
+            self._stop_if_fatal(e)
             return self._fail_steps([flight], str(e))
         self._inflight.append(flight)
         return flight
 
-    def _fetch_step(self) -> StepOutputs:
-        """Waits for the oldest step in flight and applies its tokens."""
+    def _submit_encode(self) -> "_Flight | StepOutputs | None":
+        """Schedules and sends one prefill-only batch; None when nothing waits."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched is None:
+            return None
+        data = encode(EncodeBatch(
+            sched.step_id, pack_i32([s.seq_id for s in sched.seqs]),
+            pack_i32([len(s.prompt_token_ids) for s in sched.seqs]),
+            pack_i32(list(itertools.chain.from_iterable(s.prompt_token_ids for s in sched.seqs)))))
+        flight = _Flight(sched, sched.num_tokens, t0)
+        flight.num_bytes = len(data)
+        flight.t_sent = time.perf_counter()
+        try:
+            flight.handle = self.transport.submit(data)
+        except RankFailure as e:
+            self._stop_if_fatal(e)
+            return self._fail_encode(sched, str(e))
+        self._inflight.append(flight)
+        return flight
+
+    def _stop_if_fatal(self, e: RankFailure) -> None:
+        """A dead or hung rank, or a broken transport: the engine stops (re-raises)."""
+        if e.fatal:
+            self._fatal = str(e).splitlines()[0]
+            raise e
+
+    def _fetch(self) -> StepOutputs:
+        """Waits for the oldest step in flight and applies its output."""
         flight = self._inflight.popleft()
-        sched = flight.sched
         # It started when it was sent or when the one before it ended: sleep through
         # most of what is left of it rather than spin on the channel.
         started = max(flight.t_sent, self._last_done)
-        expected = self._expected_step_s(sched.total_num_scheduled_tokens)
-        wait_s = max(0.0, started + expected - time.perf_counter())
+        wait_s = max(0.0, started + self._expected_step_s(flight.num_tokens) - time.perf_counter())
         try:
-            out = decode_output(self.transport.fetch(flight.handle, wait_s))
+            data = self.transport.fetch(flight.handle, wait_s)
         except RankFailure as e:
-            if e.fatal:
-                self._fatal = str(e).splitlines()[0]
-                raise
+            self._stop_if_fatal(e)
             self._last_done = time.perf_counter()
+            if self.task == "embed":  # the ranks keep nothing of a batch
+                return self._fail_encode(flight.sched, str(e))
             # The steps sent after it ran on what the failure left of the ranks' state.
             flights = [flight]
             while self._inflight:
@@ -302,11 +326,17 @@ class EngineCore:
                 try:
                     self.transport.fetch(flights[-1].handle)
                 except RankFailure as later:
-                    if later.fatal:
-                        self._fatal = str(later).splitlines()[0]
-                        raise
+                    self._stop_if_fatal(later)
             return self._fail_steps(flights, str(e))
-        t_back = self._last_done = time.perf_counter()
+        self._last_done = time.perf_counter()
+        if self.task == "embed":
+            return self._apply_encode(flight, decode_pooler_output(data), started)
+        return self._apply_step(flight, decode_output(data), started)
+
+    def _apply_step(self, flight: _Flight, out: SamplerOutput, started: float) -> StepOutputs:
+        """A generation step's tokens into the scheduler and the output deltas."""
+        sched = flight.sched
+        t_back = self._last_done
         self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
         tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
@@ -328,47 +358,9 @@ class EngineCore:
 
     # ---- the prefill-only step (embeddings) ------------------------------------------
 
-    def _encode_step(self) -> StepOutputs | None:
-        """Keeps two batches in flight: sends the next before waiting for the oldest, so
-        the ranks start it the moment they finish the current one. Returns the oldest
-        batch's pooled outputs."""
-        if self._fetched:
-            return self._fetched.pop(0)
-        while len(self._inflight) < 2 and (sched := self.scheduler.schedule()) is not None:
-            t0 = time.perf_counter()
-            data = encode(EncodeBatch(
-                sched.step_id, pack_i32([s.seq_id for s in sched.seqs]),
-                pack_i32([len(s.prompt_token_ids) for s in sched.seqs]),
-                pack_i32(list(itertools.chain.from_iterable(s.prompt_token_ids
-                                                            for s in sched.seqs)))))
-            try:
-                handle = self.transport.submit(data)
-            except RankFailure as e:
-                if e.fatal:
-                    self._fatal = str(e).splitlines()[0]
-                    raise
-                return self._fail_encode(sched, str(e))
-            self._inflight.append((sched, handle, time.perf_counter(), t0, len(data)))
-        if not self._inflight:
-            return None
-        return self._fetch_encode()
-
-    def _fetch_encode(self) -> StepOutputs:
-        sched, handle, t_sent, t0, num_bytes = self._inflight.popleft()
-        # This batch started when it was sent or when the one before it ended: sleep
-        # through most of what is left of it rather than spin on the channel.
-        started = max(t_sent, self._last_done)
-        expected = self._expected_step_s(sched.num_tokens)
-        wait_s = max(0.0, started + expected - time.perf_counter())
-        try:
-            out = decode_pooler_output(self.transport.fetch(handle, wait_s))
-        except RankFailure as e:
-            if e.fatal:
-                self._fatal = str(e).splitlines()[0]
-                raise
-            self._last_done = time.perf_counter()
-            return self._fail_encode(sched, str(e))
-        t_back = self._last_done = time.perf_counter()
+    def _apply_encode(self, flight: _Flight, out: PoolerOutput, started: float) -> StepOutputs:
+        """A batch's pooled rows to the requests still waiting for them."""
+        sched, t_back = flight.sched, self._last_done
         self._last_rank_step = (out.rank_time_s, sched.num_tokens)
         wanted = {s.seq_id: s for s in self.scheduler.finish(sched)}
         rows = np.frombuffer(out.embeddings, dtype="<f4").reshape(-1, out.hidden_size or 1)
@@ -380,8 +372,8 @@ class EngineCore:
         totals["steps"] += 1
         totals["prompt_tokens"] += sched.num_tokens
         self.last_step_stats = dict(
-            num_tokens=sched.num_tokens, num_seqs=len(sched.seqs), message_bytes=num_bytes,
-            schedule_encode_s=t_sent - t0, round_trip_s=t_back - started,
+            num_tokens=sched.num_tokens, num_seqs=len(sched.seqs), message_bytes=flight.num_bytes,
+            schedule_encode_s=flight.t_sent - flight.t0, round_trip_s=t_back - started,
             rank_time_s=out.rank_time_s, model_time_s=out.model_time_s,
             process_s=time.perf_counter() - t_back)
         return StepOutputs(step_id=sched.step_id, pooled=pooled, timestamp=time.time())
@@ -505,9 +497,8 @@ class EngineCore:
 
     def _drain(self) -> None:
         """Fetches every step in flight, keeping their outputs for ``step``."""
-        fetch = self._fetch_encode if self.task == "embed" else self._fetch_step
         while self._inflight:
-            self._fetched.append(fetch())
+            self._fetched.append(self._fetch())
 
     def call_all(self, method: str, *args) -> list:
         self._drain()  # a call follows the steps already sent
@@ -530,12 +521,14 @@ class EngineCore:
 
 
 class _Flight:
-    """A generation step sent to the ranks (or failed before it could be)."""
+    """A step sent to the ranks (or failed before it could be): its schedule, its token
+    count (for the wait), the transport's handle, and its timings."""
 
-    __slots__ = ("sched", "handle", "lora_slots", "t0", "t_sent", "num_bytes")
+    __slots__ = ("sched", "num_tokens", "handle", "lora_slots", "t0", "t_sent", "num_bytes")
 
-    def __init__(self, sched, lora_slots=(), t0: float = 0.0):
+    def __init__(self, sched, num_tokens: int, t0: float, lora_slots=()):
         self.sched = sched
+        self.num_tokens = num_tokens
         self.lora_slots = lora_slots
         self.t0 = self.t_sent = t0
         self.handle = None

@@ -416,9 +416,10 @@ class AsyncEngine:
             logger.error("engine core failed (%s); %d restarts used up (max_core_restarts): "
                          "the engine stays down", reason, self.num_core_restarts)
             return
-        self._restarter = threading.Thread(target=self._restart, args=(client, reason),
-                                           name="spmd-core-restart", daemon=True)
-        self._restarter.start()
+        restarter = threading.Thread(target=self._restart, args=(client, reason),
+                                     name="spmd-core-restart", daemon=True)
+        restarter.start()
+        self._restarter = restarter  # only once started: shutdown() may join it at any time
 
     def _restart(self, old: CoreClient, reason: str) -> None:
         """Rebuilds the engine core (its ranks and compiled graph) after a failure."""

@@ -268,15 +268,7 @@ class EngineCore:
         except Exception as e:  # a value the wire format cannot carry (validation missed it)
             return self._fail_steps([flight], "the step could not be encoded: "
                                     f"{type(e).__name__}: {e}")
-        flight.num_bytes = len(data)
-        flight.t_sent = time.perf_counter()
-        try:
-            flight.handle = self.transport.submit(data)
-        except RankFailure as e:
-            self._stop_if_fatal(e)
-            return self._fail_steps([flight], str(e))
-        self._inflight.append(flight)
-        return flight
+        return self._send(flight, data, lambda e: self._fail_steps([flight], str(e)))
 
     def _submit_encode(self) -> "_Flight | StepOutputs | None":
         """Schedules and sends one prefill-only batch; None when nothing waits."""
@@ -289,13 +281,17 @@ class EngineCore:
             pack_i32([len(s.prompt_token_ids) for s in sched.seqs]),
             pack_i32(list(itertools.chain.from_iterable(s.prompt_token_ids for s in sched.seqs)))))
         flight = _Flight(sched, sched.num_tokens, t0)
+        return self._send(flight, data, lambda e: self._fail_encode(sched, str(e)))
+
+    def _send(self, flight: _Flight, data: bytes, fail) -> "_Flight | StepOutputs":
+        """Submits an encoded step; a step the transport refused fails through ``fail``."""
         flight.num_bytes = len(data)
         flight.t_sent = time.perf_counter()
         try:
             flight.handle = self.transport.submit(data)
         except RankFailure as e:
             self._stop_if_fatal(e)
-            return self._fail_encode(sched, str(e))
+            return fail(e)
         self._inflight.append(flight)
         return flight
 

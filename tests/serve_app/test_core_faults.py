@@ -46,8 +46,10 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def _stream_tokens(url: str, body: dict, out: dict, key) -> None:
-    """Reads one streamed completion; records its chunks, token count and end time."""
+def _stream_tokens(url: str, body: dict, out: dict, key,
+                   first: threading.Event | None = None) -> None:
+    """Reads one streamed completion; records its chunks, token count and end time, and
+    sets `first` once a token has arrived."""
     chunks, errors = 0, []
     with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
                       timeout=120) as resp:
@@ -59,6 +61,8 @@ def _stream_tokens(url: str, body: dict, out: dict, key) -> None:
                 errors.append(data["error"])
             elif data["choices"]:
                 chunks += 1
+                if first is not None:
+                    first.set()
     out[key] = dict(status=resp.status_code, chunks=chunks, errors=errors, done=time.monotonic())
 
 
@@ -120,7 +124,8 @@ def test_killing_the_core_gives_503_and_fails_health(base_url, ray_cluster):
     pid = ray.get(core.ready.remote())["pid"]
     body = dict(model="slow", prompt=[1, 2, 3], max_tokens=3000, **GREEDY)
     results: dict = {}
-    streams = [threading.Thread(target=_stream_tokens, args=(base_url, body, results, i))
+    firsts = [threading.Event() for _ in range(3)]
+    streams = [threading.Thread(target=_stream_tokens, args=(base_url, body, results, i, firsts[i]))
                for i in range(3)]
     for t in streams:
         t.start()
@@ -132,7 +137,8 @@ def test_killing_the_core_gives_503_and_fails_health(base_url, ray_cluster):
     plain = threading.Thread(target=whole)
     plain.start()
     deadline = time.monotonic() + 60
-    while _metric(base_url, "spmd_num_requests_running") < 4:
+    # Every stream has its first token (its 200 is sent) and the whole request runs too.
+    while _metric(base_url, "spmd_num_requests_running") < 4 or not all(e.is_set() for e in firsts):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)

@@ -129,6 +129,7 @@ def _tp_rank_main(rank: int, world: int, port: int, paths: dict, out_dir: str) -
             prompts, decodes = prompts_and_decodes(model.config.vocab_size)
             results[variant], _ = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # rank 0 hosts the store: nobody leaves while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -40,6 +40,31 @@ def _unnice() -> None:
             return
 
 
+def _in_passing_thread(fn, *args):
+    """``fn(*args)`` in a thread that ends when it returns. The rank's steps run in the
+    graph's loop thread; had loading and warm-up run in the actor's main thread, its
+    OpenMP team would live on beside the loop thread's, and with more OpenMP threads than
+    cores libgomp cuts its spin-wait to a few hundred iterations: the model's threads
+    then sleep on a futex between parallel regions (~2,000 times a second) and the model
+    ran 1.9x slower in the actor than in the engine's process (2-core host). A thread's
+    team ends with the thread."""
+    result: list = []
+
+    def run():
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as e:  # re-raised in the caller: the actor fails to start
+            result.append((False, e))
+
+    thread = threading.Thread(target=run, name="rank-init")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 @ray.remote(concurrency_groups={"ctl": 1})
 class RankActor:
     """Hosts one rank's worker. ``progress`` answers from its own thread, so the
@@ -47,7 +72,7 @@ class RankActor:
 
     def __init__(self, worker_factory, config: RankConfig, tp_rank: int):
         _unnice()
-        self.worker = worker_factory(config, tp_rank)
+        self.worker = _in_passing_thread(worker_factory, config, tp_rank)
         self.started = 0
         self.finished = 0
         self._wake = threading.Event()

@@ -8,6 +8,8 @@
 #   bash bench/gpu.sh engine  # issue 13: 7B 512 prompts dag, dag-sync (no overlap), inproc, hf;
 #                             # 20 decode steps traced (device gaps); then kv_reserve=1
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
+#   bash bench/gpu.sh floor   # issue 13 in one call: 7B bf16 dag/inproc/hf, tiny fp32 parity,
+#                             # 7B fp8 dag, decode-kernel sweep, 7B kv_reserve=1, Llama-3-8B dag/inproc
 #   bash bench/gpu.sh fp8acc  # FP8 KV accuracy on the real SmolLM2 (bench/fp8_accuracy.py);
 #                             # the GGUF (98 MB) travels in parts .gguf_a/b/c (carry limit)
 #
@@ -58,6 +60,15 @@ case $mode in
     # one archive: the device returns a limited number of files
     [ -d "$OUT/prof_$tag" ] && tar czf "$OUT/prof_$tag.tgz" -C "$OUT" "prof_$tag" && rm -rf "$OUT/prof_$tag"
     ;;
+  floor)
+    thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
+    run parity python3 -m bench.gpu_check --tiny --tp 1
+    thru floor_7b_fp8 --num-prompts 512 --backends dag --engine-arg kv_cache_dtype=fp8
+    run sweep python3 -m bench.sweep_decode --json-out "$OUT/sweep_decode.jsonl" --block-n 32,64 \
+      --warps 1,4 --stages 2 --partitions 256,1024 --budget-s 90
+    thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
+    thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
+    ;;
   kernels)
     run kernels python3 -m bench.check_kernels --dtypes bfloat16 --skip-bandwidth
     ;;
@@ -66,6 +77,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

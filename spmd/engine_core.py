@@ -86,12 +86,20 @@ class EngineCore:
         self._inflight: collections.deque = collections.deque()  # steps sent, not fetched
         self._fetched: list[StepOutputs] = []  # fetched early (a call between steps)
         self._last_done = 0.0
+        # Rank-measured (seconds, tokens) of the latest step per power-of-two token count.
+        self._rank_step_times: dict[int, tuple[float, int]] = {}
         try:
             self.num_kv_blocks = 0
             if self.task == "generate":  # prefill-only models keep no KV cache
                 self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
                 self.call_all("initialize_cache", self.num_kv_blocks)
             self.warmup_times_s = self._warm_up()
+            if self.task == "generate" and not config.device.warmup_shapes:
+                # A first guess for the longest step, before the first one (0.0 where the
+                # rank does not time it). Half the timed prefill: a cautious guess, since
+                # the engine's wait spun on a core beside it while it was timed.
+                n = config.max_num_batched_tokens
+                self._record_rank_step(0.5 * max(self.call_all("prefill_seconds", n)), n)
         except BaseException:
             self.transport.shutdown()
             raise
@@ -124,7 +132,6 @@ class EngineCore:
         self._owner: dict[int, tuple[str, int]] = {}  # seq id -> (request id, index)
         self._next_seq_id = 0
         self.last_step_stats: dict = {}
-        self._last_rank_step = (0.0, 0)
         self.stats_total = dict(steps=0, preemptions=0, prompt_tokens=0, generation_tokens=0,
                                 failed_steps=0)
         self._closed = False
@@ -333,7 +340,7 @@ class EngineCore:
         """A generation step's tokens into the scheduler and the output deltas."""
         sched = flight.sched
         t_back = self._last_done
-        self._last_rank_step = (out.rank_time_s, sched.total_num_scheduled_tokens)
+        self._record_rank_step(out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
         tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
         updated = self.scheduler.update_from_output(sched, dict(zip(seq_ids, tokens)))
@@ -357,7 +364,7 @@ class EngineCore:
     def _apply_encode(self, flight: _Flight, out: PoolerOutput, started: float) -> StepOutputs:
         """A batch's pooled rows to the requests still waiting for them."""
         sched, t_back = flight.sched, self._last_done
-        self._last_rank_step = (out.rank_time_s, sched.num_tokens)
+        self._record_rank_step(out.rank_time_s, sched.num_tokens)
         wanted = {s.seq_id: s for s in self.scheduler.finish(sched)}
         rows = np.frombuffer(out.embeddings, dtype="<f4").reshape(-1, out.hidden_size or 1)
         pooled = [PooledOutput(wanted[seq_id].request_id, rows[i].tobytes(),
@@ -451,15 +458,22 @@ class EngineCore:
                          num_preemptions=self.stats_total["preemptions"],
                          num_failed_steps=self.stats_total["failed_steps"])
 
+    def _record_rank_step(self, seconds: float, num_tokens: int) -> None:
+        if num_tokens > 0 and seconds > 0:
+            self._rank_step_times[num_tokens.bit_length()] = (seconds, num_tokens)
+
     def _expected_step_s(self, num_tokens: int) -> float:
-        """A cautious guess of the step's duration: the last step's rank-measured time
-        (so a late wake-up never feeds back into the guess), scaled down, never up,
-        by the token count, since step time grows sublinearly with tokens. Sleeping
-        through it matters on small hosts: the graph channel's wait spins a core."""
-        last_s, last_tokens = self._last_rank_step
-        if last_s < 2e-3 or last_tokens == 0:
-            return 0.0
-        return 0.97 * last_s * min(1.0, num_tokens / last_tokens)
+        """A cautious guess of the step's duration, from the rank-measured times of
+        recent steps (so a late wake-up never feeds back into the guess): a step takes
+        at least as long as a recent step with fewer tokens, and a recent step with more
+        tokens scaled down by the token count (step time grows sublinearly with tokens).
+        Sleeping through it matters on small hosts: the graph channel's wait spins a core,
+        and with one guess from the last step only, a 2,048-token prefill after decode
+        steps was waited for spinning (the rank's 2 threads lost 17% to the spin on a
+        2-core host)."""
+        guess = max((seconds * min(1.0, num_tokens / tokens)
+                     for seconds, tokens in self._rank_step_times.values()), default=0.0)
+        return 0.97 * guess if guess >= 2e-3 else 0.0
 
     def _warm_up(self) -> dict[str, float]:
         """Runs every rank's warm-up units (compiled shapes) before serving, so that

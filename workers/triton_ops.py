@@ -455,10 +455,48 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# The decode kernel's tile (positions per iteration) and launch shape, per KV dtype:
+# (BLOCK_N, num_warps, num_stages), from `python -m bench.sweep_decode` on an H200.
+DECODE_CONFIG = {"bf16": (64, 4, 2), "fp8": (32, 1, 2)}
+
+
+def _launch_decode(q, kv_cache, block_tables, seq_lens, query_start_loc, out, max_seq_len,
+                   scale, common, group, hd_pad, precision, fp8, dot16, partition_size,
+                   config: tuple[int, int, int] | None = None) -> None:
+    block_n, num_warps, num_stages = config or DECODE_CONFIG["fp8" if fp8 else "bf16"]
+    assert partition_size % block_n == 0
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    single = num_partitions == 1
+    shape = (num_seqs, num_heads, 1 if single else num_partitions)
+    part_max = torch.empty(shape, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty(shape, dtype=torch.float32, device=q.device)
+    part_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_max,
+        part_sum, scale, *common, num_heads, num_partitions, GROUP=group,
+        GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, HD_PAD=hd_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
+        SINGLE_PARTITION=single, DOT_PRECISION=precision, FP8=fp8, DOT16=dot16,
+        num_warps=num_warps, num_stages=num_stages)
+    if not single:
+        parts_pad = triton.next_power_of_2(num_partitions)
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            seq_lens, query_start_loc, out, part_acc, part_max, part_sum, out.stride(0),
+            out.stride(1), num_heads, num_partitions, HEAD_DIM=head_dim, HD_PAD=hd_pad,
+            PARTS_PAD=parts_pad, MERGE_BLOCK=min(parts_pad, 16),
+            PARTITION_SIZE=partition_size, num_warps=4)
+
+
 def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, max_query_len: int, max_seq_len: int, scale: float,
                     kv_scales: Tensor | None = None, *,
-                    partition_size: int = DECODE_PARTITION_SIZE) -> Tensor:
+                    partition_size: int = DECODE_PARTITION_SIZE,
+                    decode_config: tuple[int, int, int] | None = None) -> Tensor:
+    """``decode_config`` (BLOCK_N, num_warps, num_stages) overrides ``DECODE_CONFIG``
+    (for the sweep that picks it)."""
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = kv_cache.shape[2:4]
     assert kv_cache.shape[-1] == head_dim and num_heads % num_kv_heads == 0
@@ -478,27 +516,9 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     dot16 = fp8 and q.dtype == torch.bfloat16
     precision = _dot_precision(q.dtype)
     if max_query_len == 1:
-        assert partition_size % 64 == 0
-        num_partitions = triton.cdiv(max_seq_len, partition_size)
-        single = num_partitions == 1
-        shape = (num_seqs, num_heads, 1 if single else num_partitions)
-        part_max = torch.empty(shape, dtype=torch.float32, device=q.device)
-        part_sum = torch.empty(shape, dtype=torch.float32, device=q.device)
-        part_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=q.device)
-        _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-            q, kv_cache, block_tables, seq_lens, query_start_loc, out, part_acc, part_max,
-            part_sum, scale, *common, num_heads, num_partitions, GROUP=group,
-            GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim, HD_PAD=hd_pad,
-            BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION_SIZE=partition_size,
-            SINGLE_PARTITION=single, DOT_PRECISION=precision, FP8=fp8, DOT16=dot16, num_warps=4,
-            num_stages=2)
-        if not single:
-            parts_pad = triton.next_power_of_2(num_partitions)
-            _decode_merge_kernel[(num_seqs, num_heads)](
-                seq_lens, query_start_loc, out, part_acc, part_max, part_sum, out.stride(0),
-                out.stride(1), num_heads, num_partitions, HEAD_DIM=head_dim, HD_PAD=hd_pad,
-                PARTS_PAD=parts_pad, MERGE_BLOCK=min(parts_pad, 16),
-                PARTITION_SIZE=partition_size, num_warps=4)
+        _launch_decode(q, kv_cache, block_tables, seq_lens, query_start_loc, out, max_seq_len,
+                       scale, common, group, hd_pad, precision, fp8, dot16, partition_size,
+                       decode_config)
         return out
     # Tiles that compile without register spills for head_dim 128 on sm_90.
     if q.dtype == torch.float32:

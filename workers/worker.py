@@ -169,24 +169,41 @@ class Worker:
         positions, from one prefill over a scratch cache (the serving cache is untouched):
         compares numerics across dtypes, devices and tensor-parallel sizes."""
         ids = np.asarray(token_ids, dtype=np.int64)
-        n, bs = len(ids), self.config.block_size
+        n = len(ids)
         if not 0 < n <= self.config.max_model_len:
             raise ValueError(f"token_ids: length {n} outside 1..max_model_len="
                              f"{self.config.max_model_len}")
         if not 0 < last <= n:
             raise ValueError(f"last: {last} outside 1..{n}")
-        num_blocks = -(-n // bs)
-        dev = self.device
-        caches = self.new_kv_caches(num_blocks, bs)  # the serving cache's dtype
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
-            slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
-            max_query_len=n, max_seq_len=n)
-        hidden = self.model(torch.from_numpy(ids).to(dev), torch.arange(n, device=dev), meta,
-                            caches)
+        hidden = self._scratch_prefill([ids])
         return self.model.compute_logits(hidden[n - last:]).cpu().numpy().tobytes()
+
+    def _scratch_prefill(self, prompts: list[np.ndarray]) -> torch.Tensor:
+        """Hidden states of one prefill of ``prompts`` (token-id arrays) as a batch, over a
+        scratch cache of the serving cache's dtype (the serving cache is untouched)."""
+        bs, dev = self.config.block_size, self.device
+        lens = [len(p) for p in prompts]
+        blocks = [-(-n // bs) for n in lens]
+        caches = self.new_kv_caches(sum(blocks), bs)
+        first = np.cumsum([0] + blocks[:-1])
+        tables = torch.zeros((len(prompts), max(blocks)), dtype=torch.int32)
+        for i, (f, b) in enumerate(zip(first, blocks)):
+            tables[i, :b] = torch.arange(f, f + b, dtype=torch.int32)
+        slots = np.concatenate([f * bs + np.arange(n) for f, n in zip(first, lens)])
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(np.cumsum([0] + lens), dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev), slot_mapping=torch.from_numpy(slots).to(dev),
+            max_query_len=max(lens), max_seq_len=max(lens))
+        ids = torch.from_numpy(np.concatenate(prompts).astype(np.int64)).to(dev)
+        positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).to(dev)
+        return self.model(ids, positions, meta, caches)
+
+    def prefill_seconds(self, num_tokens: int) -> float:
+        """How long a prefill of ``num_tokens`` takes here, timed over a scratch cache
+        (the engine's first guess of a step's length); 0.0 where not worth timing."""
+        return 0.0
+
     def num_warmup_steps(self) -> int:
         """Warm-up units (compiled shapes) the engine runs, one ``warm_up`` call each,
         before serving; devices that compile nothing ahead of time have none."""
@@ -502,5 +519,5 @@ def device_gaps(trace_path: str, num_steps: int) -> dict:
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
-          "profile_steps", "profile_result",
+          "profile_steps", "profile_result", "prefill_seconds",
           "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots", "loaded_loras"}

@@ -154,7 +154,7 @@ def _batch(seqs, num_heads, num_kv_heads, head_dim, dtype, gen, padding_tokens=3
 
 
 def _check_attention(seqs, num_heads, num_kv_heads, head_dim, dtype_name, seed, max_seq_len=None,
-                     partition_size=None):
+                     partition_size=None, decode_config=None):
     triton_ops, dtype, gen = _triton_ops(), DTYPES[dtype_name], _gen(seed)
     q, kv_cache, block_tables, seq_lens, query_start_loc = _batch(
         seqs, num_heads, num_kv_heads, head_dim, dtype, gen)
@@ -162,6 +162,8 @@ def _check_attention(seqs, num_heads, num_kv_heads, head_dim, dtype_name, seed, 
     max_seq_len = max_seq_len or max(s for s, _ in seqs)
     scale = head_dim**-0.5
     kwargs = {"partition_size": partition_size} if partition_size else {}
+    if decode_config:
+        kwargs["decode_config"] = tuple(decode_config)
     actual = triton_ops.paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc,
                                         max_query_len, max_seq_len, scale, **kwargs)
     assert actual.dtype == dtype and torch.isfinite(actual).all()
@@ -191,6 +193,13 @@ def test_decode_gqa_with_padding_rows(interpreter, dtype):
 
 def test_decode_long_context_spans_partitions(interpreter):
     interpreter.run("_check_attention", [(1100, 1), (530, 1), (3, 1)], 2, 2, 32, "float32", 6, 1200)
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_decode_tile_override(interpreter, block_n):
+    # bench.sweep_decode's override of DECODE_CONFIG: other tiles, same attention.
+    interpreter.run("_check_attention", [(300, 1), (17, 1), (64, 1)], 4, 2, 32, "float32", 11,
+                    300, 256, [block_n, 2, 2])
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -340,13 +349,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(T._write_kv_cache_kernel, dtype,
               {"BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS_PAD": 8, "HD_PAD": 128, "FP8": fp8},
               ptrs=cache)
+        # The decode tile and launch shape the kernel runs with (DECODE_CONFIG).
+        block_n, warps, _ = T.DECODE_CONFIG["fp8" if fp8 else "bf16"]
         for head_dim in (16, 128):
             build(T._decode_kernel, dtype,
                   {"GROUP": 4, "GROUP_PAD": 16, "HEAD_DIM": head_dim, "HD_PAD": head_dim,
-                   "BLOCK_SIZE": 16, "BLOCK_N": 64, "PARTITION_SIZE": 512,
+                   "BLOCK_SIZE": 16, "BLOCK_N": block_n, "PARTITION_SIZE": 512,
                    "SINGLE_PARTITION": False, "DOT_PRECISION": precision, "FP8": fp8,
                    "DOT16": fp8},
-                  ptrs=cache)
+                  warps, ptrs=cache)
             block_m, block_n = (32, 32) if dtype == "fp32" else (128, 64)
             build(T._prefill_kernel, dtype,
                   {"GROUP": 4, "HEAD_DIM": head_dim, "HD_PAD": head_dim, "BLOCK_SIZE": 16,

@@ -62,10 +62,11 @@ case $mode in
     ;;
   floor)
     thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
-    run parity python3 -m bench.gpu_check --tiny --tp 1
     thru floor_7b_fp8 --num-prompts 512 --backends dag --engine-arg kv_cache_dtype=fp8
-    run sweep python3 -m bench.sweep_decode --json-out "$OUT/sweep_decode.jsonl" --block-n 32,64 \
-      --warps 1,4 --stages 2 --partitions 256,1024 --budget-s 90
+    run parity python3 -m bench.gpu_check --tiny --tp 1
+    [ "${SWEEP:-1}" != 0 ] && run sweep python3 -m bench.sweep_decode \
+      --json-out "$OUT/sweep_decode.jsonl" --block-n 32,64 --warps 1,4 --stages 2 \
+      --partitions 256,1024 --budget-s 90
     thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
     ;;

@@ -121,9 +121,10 @@ class GPUMixin:
         num_seqs = -(-num_tokens // cfg.max_model_len)
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         blocks_per_seq = -(-max(lens) // bs)
-        shape = self.model.kv_cache_shape(num_seqs * blocks_per_seq, bs)
-        caches = [torch.zeros(shape, dtype=self.dtype, device=dev)
-                  for _ in range(self.model.num_layers)]
+        # The serving cache's dtype: the first real step of this size then finds every
+        # kernel it runs already loaded (with FP8 KV and a bf16 scratch cache here, the first
+        # 8,192-token step took 1.1 s on the H200 against 0.22 s with bf16 KV).
+        caches = self.new_kv_caches(num_seqs * blocks_per_seq, bs)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=dev),
                                             torch.tensor(lens, device=dev))
@@ -140,7 +141,8 @@ class GPUMixin:
         # The sampler's largest temporaries (top-k/top-p sort) scale with the logits.
         logits.sort(dim=-1)
         del hidden, logits
-        return sum(c.numel() * c.element_size() for c in caches)
+        return sum(t.numel() * t.element_size()
+                   for c in caches for t in (c if isinstance(c, tuple) else (c,)))
 
     def initialize_cache(self, num_blocks: int) -> int:
         super().initialize_cache(num_blocks)

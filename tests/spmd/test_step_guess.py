@@ -13,7 +13,7 @@ from spmd.engine_core import EngineCore
 
 def _core_with(steps: list[tuple[float, int]]) -> EngineCore:
     core = EngineCore.__new__(EngineCore)  # only the guess's state
-    core._rank_step_times = {}
+    core._rank_step_times, core._first_step_timed = {}, True
     for seconds, tokens in steps:
         core._record_rank_step(seconds, tokens)
     return core
@@ -32,6 +32,16 @@ def test_guess_is_the_longest_recent_step_that_bounds_it():
     # The latest step of a power-of-two token-count class (64..127) replaces the earlier one.
     core._record_rank_step(0.1, 100)
     assert core._expected_step_s(100) == pytest.approx(0.97 * 0.1)
+
+
+def test_the_first_step_is_no_guess():
+    # It pays one-time costs (kernel loading, first allocations): 1.1 s against 0.2 s.
+    core = _core_with([])
+    core._first_step_timed = False
+    core._record_rank_step(1.1, 8192)
+    assert core._expected_step_s(8192) == 0.0
+    core._record_rank_step(0.2, 8192)
+    assert core._expected_step_s(8192) == pytest.approx(0.97 * 0.2)
 
 
 def test_no_guess_for_short_or_unknown_steps():

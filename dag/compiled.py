@@ -12,6 +12,7 @@ import time
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
+from dag.done_pipe import DonePipe
 from dag.errors import RankFailure, TransportClosed
 from dag.ranks import PARK, RankGroup, _cause
 from dag.transport import Transport
@@ -44,14 +45,19 @@ class CompiledGraphTransport(Transport):
     def __init__(self, group: RankGroup, *, step_timeout_s: float, max_inflight: int = 1):
         self.group = group
         self.step_timeout_s = step_timeout_s
+        self._done: DonePipe | None = None
         with InputNode() as inp:
             graph = MultiOutputNode([a.execute_model.bind(inp) for a in group.actors])
         try:
+            if group.node_ids[0] == ray.get_runtime_context().get_node_id():
+                self._done = DonePipe(lambda path: ray.get(
+                    group.actors[0].open_done_pipe.remote(path), timeout=step_timeout_s))
             sems_before = _channel_semaphores()
             self.graph = graph.experimental_compile(
                 _submit_timeout=step_timeout_s, _max_inflight_executions=max_inflight)
             self._semaphores = _channel_semaphores() - sems_before
         except BaseException:
+            self._close_done_pipe()
             group.shutdown()
             raise
         self._closed = False
@@ -66,8 +72,8 @@ class CompiledGraphTransport(Transport):
         self.group.wake_all(self.step_timeout_s)
         ray.get(refs, timeout=self.step_timeout_s)
 
-    def _run(self, data: bytes, expected_s: float = 0.0) -> list:
-        return self._get(self._execute(data), expected_s)
+    def _run(self, data: bytes) -> list:
+        return self._get(self._execute(data))
 
     def _execute(self, data: bytes):
         if self._closed:
@@ -77,13 +83,17 @@ class CompiledGraphTransport(Transport):
                 self._unpark()
             return self.graph.execute(data)
 
-    def _get(self, refs, expected_s: float = 0.0) -> list:
+    def _get(self, refs) -> list:
         with self._failures():
-            if expected_s > 0:
-                # ray.get spins on the channel; sleeping through most of the step
-                # leaves the cores to the ranks.
-                time.sleep(expected_s)
-            return ray.get(refs, timeout=self.step_timeout_s)
+            t0 = time.monotonic()
+            if self._done is not None:  # ray.get spins on the channel: sleep until it is done
+                self._done.wait(self.step_timeout_s, self._loop_ended)
+            return ray.get(refs, timeout=max(1.0, self.step_timeout_s - (time.monotonic() - t0)))
+
+    def _loop_ended(self) -> bool:
+        """A rank's graph loop has ended (its actor died, say): the read then raises."""
+        loops = list(getattr(self.graph, "worker_task_refs", {}).values())
+        return bool(loops) and bool(ray.wait(loops, timeout=0)[0])
 
     @contextlib.contextmanager
     def _failures(self):
@@ -117,11 +127,11 @@ class CompiledGraphTransport(Transport):
     def submit(self, data: bytes) -> object:
         return self._execute(data)
 
-    def fetch(self, handle: object, expected_s: float = 0.0) -> bytes:
-        return self._get(handle, expected_s)[0]
+    def fetch(self, handle: object) -> bytes:
+        return self._get(handle)[0]
 
-    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
-        return self._run(data, expected_s)[0]
+    def step(self, data: bytes) -> bytes:
+        return self._run(data)[0]
 
     def call_all(self, data: bytes) -> list[bytes]:
         return self._run(data)
@@ -130,6 +140,7 @@ class CompiledGraphTransport(Transport):
         """After a timeout or a death the graph's channels are unusable: drop it
         without the teardown handshake (which would wait on the broken rank)."""
         self._closed = True
+        self._close_done_pipe()
         self.group.shutdown()
         self._unlink_semaphores()
 
@@ -143,8 +154,14 @@ class CompiledGraphTransport(Transport):
             self.graph.teardown()
         except Exception as e:  # a rank already gone: nothing left to hand back
             logger.debug("compiled graph teardown: %s", e)
+        self._close_done_pipe()
         self.group.shutdown()
         self._unlink_semaphores()
+
+    def _close_done_pipe(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done.close()
 
     def _unlink_semaphores(self) -> None:
         """The raylet names two POSIX semaphores per graph channel in /dev/shm and

@@ -50,10 +50,10 @@ class InProcTransport(Transport):
             raise TransportClosed("the in-process transport was shut down")
         return self._in_thread(self._run, data)
 
-    def fetch(self, handle: Future, expected_s: float = 0.0) -> bytes:
+    def fetch(self, handle: Future) -> bytes:
         return handle.result()
 
-    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
+    def step(self, data: bytes) -> bytes:
         return self.submit(data).result()
 
     def call_all(self, data: bytes) -> list[bytes]:

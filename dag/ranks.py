@@ -13,6 +13,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from dag.done_pipe import DoneWriter
 from dag.errors import RankFailure
 from serialization import RankConfig
 
@@ -77,6 +78,10 @@ class RankActor:
         self.finished = 0
         self._wake = threading.Event()
         self._loop_thread = None
+        self._done = None  # DoneWriter, on rank 0 beside the engine
+
+    def open_done_pipe(self, path: str) -> None:
+        self._done = DoneWriter(path)
 
     def execute_model(self, data: bytes) -> bytes | None:
         if data == PARK:
@@ -93,6 +98,8 @@ class RankActor:
             return self.worker.execute_model(data)
         finally:
             self.finished += 1
+            if self._done is not None:
+                self._done.done()
 
     @ray.method(concurrency_group="ctl")
     def progress(self) -> tuple[int, int]:

@@ -24,7 +24,7 @@ class RayCallTransport(Transport):
             raise TransportClosed("the ray transport was shut down or failed earlier")
         return [a.execute_model.remote(data) for a in self.group.actors]
 
-    def fetch(self, handle: list, expected_s: float = 0.0) -> bytes:
+    def fetch(self, handle: list) -> bytes:
         return self._wait(handle)[0]
 
     def _run(self, data: bytes) -> list:
@@ -58,7 +58,7 @@ class RayCallTransport(Transport):
                                   f"{type(e).__name__}: {_cause(e)}", [rank], fatal=True) from None
         return out
 
-    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
+    def step(self, data: bytes) -> bytes:
         return self._run(data)[0]
 
     def call_all(self, data: bytes) -> list[bytes]:

@@ -16,10 +16,8 @@ class Transport(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    def step(self, data: bytes, expected_s: float = 0.0) -> bytes:
-        """Runs one step on all ranks; returns rank 0's answer. ``expected_s`` is
-        the engine's guess of the step's duration (a transport may sleep through
-        most of it rather than spin)."""
+    def step(self, data: bytes) -> bytes:
+        """Runs one step on all ranks; returns rank 0's answer."""
 
     def submit(self, data: bytes) -> object:
         """Starts a step without waiting for it; ``fetch`` returns its answer. Steps are
@@ -27,9 +25,9 @@ class Transport(abc.ABC):
         ``fetch`` (this default)."""
         return data
 
-    def fetch(self, handle: object, expected_s: float = 0.0) -> bytes:
-        """Rank 0's answer to a submitted step (``expected_s`` as in ``step``)."""
-        return self.step(handle, expected_s)
+    def fetch(self, handle: object) -> bytes:
+        """Rank 0's answer to a submitted step."""
+        return self.step(handle)
 
     @abc.abstractmethod
     def call_all(self, data: bytes) -> list[bytes]:

@@ -86,22 +86,12 @@ class EngineCore:
         self._inflight: collections.deque = collections.deque()  # steps sent, not fetched
         self._fetched: list[StepOutputs] = []  # fetched early (a call between steps)
         self._last_done = 0.0
-        # Rank-measured (seconds, tokens) of the latest step per power-of-two token count.
-        self._rank_step_times: dict[int, tuple[float, int]] = {}
-        self._first_step_timed = False
         try:
             self.num_kv_blocks = 0
             if self.task == "generate":  # prefill-only models keep no KV cache
                 self.num_kv_blocks = min(self.call_all("determine_num_kv_blocks"))
                 self.call_all("initialize_cache", self.num_kv_blocks)
             self.warmup_times_s = self._warm_up()
-            if self.task == "generate" and not config.device.warmup_shapes:
-                # A first guess for the longest step, before the first one (0.0 where the
-                # rank does not time it). Half the timed prefill: a cautious guess, since
-                # the engine's wait spun on a core beside it while it was timed.
-                n = config.max_num_batched_tokens
-                if seconds := max(self.call_all("prefill_seconds", n)):
-                    self._rank_step_times[n.bit_length()] = (0.5 * seconds, n)
         except BaseException:
             self.transport.shutdown()
             raise
@@ -313,12 +303,10 @@ class EngineCore:
     def _fetch(self) -> StepOutputs:
         """Waits for the oldest step in flight and applies its output."""
         flight = self._inflight.popleft()
-        # It started when it was sent or when the one before it ended: sleep through
-        # most of what is left of it rather than spin on the channel.
+        # It started when it was sent or when the one before it ended.
         started = max(flight.t_sent, self._last_done)
-        wait_s = max(0.0, started + self._expected_step_s(flight.num_tokens) - time.perf_counter())
         try:
-            data = self.transport.fetch(flight.handle, wait_s)
+            data = self.transport.fetch(flight.handle)
         except RankFailure as e:
             self._stop_if_fatal(e)
             self._last_done = time.perf_counter()
@@ -342,7 +330,6 @@ class EngineCore:
         """A generation step's tokens into the scheduler and the output deltas."""
         sched = flight.sched
         t_back = self._last_done
-        self._record_rank_step(out.rank_time_s, sched.total_num_scheduled_tokens)
         seq_ids = np.frombuffer(out.seq_ids, dtype="<i4").tolist()
         tokens = np.frombuffer(out.token_ids, dtype="<i4").tolist()
         updated = self.scheduler.update_from_output(sched, dict(zip(seq_ids, tokens)))
@@ -366,7 +353,6 @@ class EngineCore:
     def _apply_encode(self, flight: _Flight, out: PoolerOutput, started: float) -> StepOutputs:
         """A batch's pooled rows to the requests still waiting for them."""
         sched, t_back = flight.sched, self._last_done
-        self._record_rank_step(out.rank_time_s, sched.num_tokens)
         wanted = {s.seq_id: s for s in self.scheduler.finish(sched)}
         rows = np.frombuffer(out.embeddings, dtype="<f4").reshape(-1, out.hidden_size or 1)
         pooled = [PooledOutput(wanted[seq_id].request_id, rows[i].tobytes(),
@@ -459,27 +445,6 @@ class EngineCore:
                          num_steps=self.stats_total["steps"],
                          num_preemptions=self.stats_total["preemptions"],
                          num_failed_steps=self.stats_total["failed_steps"])
-
-    def _record_rank_step(self, seconds: float, num_tokens: int) -> None:
-        # The run's first step is no guess for later ones: it pays one-time costs (on the
-        # H200 with FP8 KV, 1.1 s against 0.2 s for the next 8,192-token steps; sleeping
-        # through that guess left the GPU idle ~0.75 s).
-        first, self._first_step_timed = not self._first_step_timed, True
-        if num_tokens > 0 and seconds > 0 and not first:
-            self._rank_step_times[num_tokens.bit_length()] = (seconds, num_tokens)
-
-    def _expected_step_s(self, num_tokens: int) -> float:
-        """A cautious guess of the step's duration, from the rank-measured times of
-        recent steps (so a late wake-up never feeds back into the guess): a step takes
-        at least as long as a recent step with fewer tokens, and a recent step with more
-        tokens scaled down by the token count (step time grows sublinearly with tokens).
-        Sleeping through it matters on small hosts: the graph channel's wait spins a core,
-        and with one guess from the last step only, a 2,048-token prefill after decode
-        steps was waited for spinning (the rank's 2 threads lost 17% to the spin on a
-        2-core host)."""
-        guess = max((seconds * min(1.0, num_tokens / tokens)
-                     for seconds, tokens in self._rank_step_times.values()), default=0.0)
-        return 0.97 * guess if guess >= 2e-3 else 0.0
 
     def _warm_up(self) -> dict[str, float]:
         """Runs every rank's warm-up units (compiled shapes) before serving, so that

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import time
 
-import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
@@ -34,20 +32,6 @@ class CPUMixin:
         # to actors with fractional CPUs): set it in every thread that runs the model.
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
-
-    @torch.inference_mode()
-    def prefill_seconds(self, num_tokens: int) -> float:
-        """Timed: the engine sleeps through most of a step rather than spin on the graph
-        channel beside the rank's threads; with no guess for the first step (a 2,048-token
-        prefill), that step took 1.2 s longer than in process (2-core host)."""
-        # Prompts as long as the model attends over (a sliding window is not implemented).
-        max_len = min(self.config.max_model_len,
-                      getattr(self.model, "sliding_window", None) or num_tokens)
-        lens = [max_len] * (num_tokens // max_len) + [num_tokens % max_len] * bool(num_tokens % max_len)
-        vocab = min(1000, self.model.config.vocab_size)
-        t0 = time.perf_counter()
-        self._scratch_prefill([np.arange(n) % vocab for n in lens])
-        return time.perf_counter() - t0
 
     def determine_num_kv_blocks(self) -> int:
         cfg = self.config

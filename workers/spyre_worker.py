@@ -56,9 +56,6 @@ def attention_mask(pads: np.ndarray, slots: np.ndarray, cache_len: int) -> np.nd
 class SpyreMixin(CPUMixin):
     """Device part of a static-shape rank (host side on the CPU; gloo for TP)."""
 
-    def prefill_seconds(self, num_tokens: int) -> float:
-        return 0.0  # a scratch prefill of an uncompiled shape would compile one
-
     def init_device(self) -> None:
         cfg = self.config
         if not cfg.warmup_shapes:

@@ -62,9 +62,6 @@ class TPUMixin(CPUMixin):
 
     lora_lanes = True
 
-    def prefill_seconds(self, num_tokens: int) -> float:
-        return 0.0  # a scratch prefill of an uncompiled shape would compile one
-
     def init_device(self) -> None:
         cfg = self.config
         if cfg.device == "tpu":

@@ -199,11 +199,6 @@ class Worker:
         positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lens])).to(dev)
         return self.model(ids, positions, meta, caches)
 
-    def prefill_seconds(self, num_tokens: int) -> float:
-        """How long a prefill of ``num_tokens`` takes here, timed over a scratch cache
-        (the engine's first guess of a step's length); 0.0 where not worth timing."""
-        return 0.0
-
     def num_warmup_steps(self) -> int:
         """Warm-up units (compiled shapes) the engine runs, one ``warm_up`` call each,
         before serving; devices that compile nothing ahead of time have none."""
@@ -519,5 +514,5 @@ def device_gaps(trace_path: str, num_steps: int) -> dict:
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
-          "profile_steps", "profile_result", "prefill_seconds",
+          "profile_steps", "profile_result",
           "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots", "loaded_loras"}

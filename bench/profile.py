@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="profile decode steps, the prefill of a fresh batch, or both (one after the other)")
     p.add_argument("--warmup-steps", type=int, default=3, help="decode steps run before profiling")
     p.add_argument("--steps", type=int, default=5, help="decode steps profiled")
-    p.add_argument("--trace", default="profile_trace.json", help="Chrome trace (chrome://tracing, Perfetto)")
+    p.add_argument("--trace", default=os.path.join(os.path.dirname(__file__), "out", "profile_trace.json"),
+                   help="Chrome trace (chrome://tracing, Perfetto); default under bench/out/ (not tracked)")
     p.add_argument("--top", type=int, default=20, help="rows of the op table (spmd:: ops always shown)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -213,6 +214,7 @@ def profiled(phase: str, worker, device: str, trace_path: str, run) -> tuple[obj
             num_steps = run()
         if device == "cuda":
             torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
     prof.export_chrome_trace(trace_path)
     print(f"{phase}: {num_steps} steps profiled; Chrome trace: {trace_path}", file=sys.stderr)
     return prof, ranges, num_steps

@@ -17,6 +17,7 @@ import time
 import torch
 
 from bench.check_kernels import HEAD_DIM, _bench_us, _paged_batch, _rel_err
+from bench.throughput import run_cli
 from workers import ops, triton_ops
 
 CASES = (  # label, batch, context, kv heads
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="stop sweeping after this long (what ran is kept)")
     a = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise ValueError("bench.sweep_decode needs a CUDA GPU")
     grid = list(itertools.product(*([int(x) for x in s.split(",")]
                                     for s in (a.block_n, a.warps, a.stages))))
     out = open(a.json_out, "a") if a.json_out else None
@@ -98,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -259,9 +259,9 @@ class EngineCore:
                     r.lora_id for r in itertools.chain(sched.new_requests, sched.resumed))):
                 lora_slots = self.loras.assign_slots(r.lora_id for r in self.scheduler.running)
         except Exception as e:  # an adapter's files changed since add_lora checked them
-            return self._fail_steps([_Flight(sched, 0, t0)],
+            return self._fail_steps([_Flight(sched, t0)],
                                     f"an adapter could not be loaded: {type(e).__name__}: {e}")
-        flight = _Flight(sched, sched.total_num_scheduled_tokens, t0, lora_slots)
+        flight = _Flight(sched, t0, lora_slots)
         try:
             data = encode(to_message(sched, lora_slots))
         except Exception as e:  # a value the wire format cannot carry (validation missed it)
@@ -279,7 +279,7 @@ class EngineCore:
             sched.step_id, pack_i32([s.seq_id for s in sched.seqs]),
             pack_i32([len(s.prompt_token_ids) for s in sched.seqs]),
             pack_i32(list(itertools.chain.from_iterable(s.prompt_token_ids for s in sched.seqs)))))
-        flight = _Flight(sched, sched.num_tokens, t0)
+        flight = _Flight(sched, t0)
         return self._send(flight, data, lambda e: self._fail_encode(sched, str(e)))
 
     def _send(self, flight: _Flight, data: bytes, fail) -> "_Flight | StepOutputs":
@@ -502,14 +502,13 @@ class EngineCore:
 
 
 class _Flight:
-    """A step sent to the ranks (or failed before it could be): its schedule, its token
-    count (for the wait), the transport's handle, and its timings."""
+    """A step sent to the ranks (or failed before it could be): its schedule, the
+    transport's handle, and its timings."""
 
-    __slots__ = ("sched", "num_tokens", "handle", "lora_slots", "t0", "t_sent", "num_bytes")
+    __slots__ = ("sched", "handle", "lora_slots", "t0", "t_sent", "num_bytes")
 
-    def __init__(self, sched, num_tokens: int, t0: float, lora_slots=()):
+    def __init__(self, sched, t0: float, lora_slots=()):
         self.sched = sched
-        self.num_tokens = num_tokens
         self.lora_slots = lora_slots
         self.t0 = self.t_sent = t0
         self.handle = None

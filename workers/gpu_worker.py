@@ -114,35 +114,20 @@ class GPUMixin:
     def _profile_run(self) -> int:
         """One forward pass of the largest step (``max_num_batched_tokens`` prompt tokens in
         as few sequences as ``max_model_len`` allows, logits for ``max_num_seqs`` rows) over
-        a scratch cache; returns the scratch cache's bytes."""
+        a scratch cache of the serving cache's dtype; returns the scratch cache's bytes. (The
+        serving dtype, so that the first real step of this size finds its kernels loaded: with
+        FP8 KV and a bf16 scratch cache here, that step took 1.1 s on the H200 against 0.22 s
+        with bf16 KV; not re-measured since.)"""
         cfg = self.config
-        dev, bs = self.device, cfg.block_size
         num_tokens = cfg.max_num_batched_tokens
         num_seqs = -(-num_tokens // cfg.max_model_len)
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-        blocks_per_seq = -(-max(lens) // bs)
-        # The serving cache's dtype: the first real step of this size then finds every
-        # kernel it runs already loaded (with FP8 KV and a bf16 scratch cache here, the first
-        # 8,192-token step took 1.1 s on the H200 against 0.22 s with bf16 KV).
-        caches = self.new_kv_caches(num_seqs * blocks_per_seq, bs)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        seq_index = torch.repeat_interleave(torch.arange(num_seqs, device=dev),
-                                            torch.tensor(lens, device=dev))
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(np.cumsum([0, *lens]), dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32,
-                                      device=dev).view(num_seqs, blocks_per_seq),
-            slot_mapping=seq_index * blocks_per_seq * bs + positions,
-            max_query_len=max(lens), max_seq_len=max(lens))
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
-        hidden = self.model(ids, positions, meta, caches)
+        hidden = self._scratch_prefill([np.zeros(n, dtype=np.int64) for n in lens])
         logits = self.model.compute_logits(hidden[:min(cfg.max_num_seqs, num_tokens)])
         # The sampler's largest temporaries (top-k/top-p sort) scale with the logits.
         logits.sort(dim=-1)
         del hidden, logits
-        return sum(t.numel() * t.element_size()
-                   for c in caches for t in (c if isinstance(c, tuple) else (c,)))
+        return sum(-(-n // cfg.block_size) for n in lens) * self.kv_block_bytes()
 
     def initialize_cache(self, num_blocks: int) -> int:
         super().initialize_cache(num_blocks)
@@ -161,7 +146,8 @@ class GPUMixin:
         """Runs the eager (prefill and mixed) path's Triton kernels once per variant they
         specialize into (token counts divisible by 16 or not, a decode row beside a
         prefill), over a scratch cache, so that the first requests do not compile them
-        (0.7 s on the first step of a fresh H200 run, with FP8 KV)."""
+        (on the H200, dag's mixed steps had taken 25% more model time than inproc's, which
+        ran second and found the kernels compiled; with this, bf16 runs' first step is 0.22 s)."""
         if self.config.task == "embed":
             return
         vocab = min(1000, self.model.config.vocab_size)

@@ -69,3 +69,23 @@ def test_engine_does_not_spin_while_the_ranks_run(ray_cluster, tiny_dir):
         assert [len(o.outputs[0].token_ids) for o in out] == [5] * 4
     finally:
         llm.shutdown()
+
+
+@pytest.mark.slow
+def test_loop_ended_sees_a_dead_rank(ray_cluster, tiny_dir):
+    """The check the wait makes once a second, against real rank actors: false while the
+    ranks live, true once one is gone (its graph loop ends with it)."""
+    import ray
+
+    llm = LLM(tiny_dir("llama"), tensor_parallel_size=2, skip_tokenizer_init=True,
+              max_model_len=128, backend="dag")
+    try:
+        transport = llm.engine.transport
+        assert not transport._loop_ended()
+        ray.kill(transport.group.actors[1])
+        deadline = time.monotonic() + 20
+        while not transport._loop_ended() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert transport._loop_ended()
+    finally:
+        llm.shutdown()

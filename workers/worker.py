@@ -69,7 +69,11 @@ class Worker:
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
         self.kv_caches: list[torch.Tensor] = []
-        self._thread = threading.get_ident()
+        # Marks the threads whose settings are made (init_thread): thread-local, since a new
+        # thread can get an ended one's ident (the compiled graph's loop thread got the rank's
+        # set-up thread's, skipped init_thread and ran the TPU path's 9th bucket eagerly).
+        self._thread = threading.local()
+        self._thread.ready = True
         # Steps whose logits held a NaN or Inf, counted on the device (no sync per step).
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -113,10 +117,10 @@ class Worker:
     def execute_model(self, data: bytes) -> bytes | None:
         """Runs one step (rank 0 returns the SamplerOutput, others None) or one
         broadcast call (every rank returns a RankReply)."""
-        if self._thread != threading.get_ident():
+        if not getattr(self._thread, "ready", False):
             # Transports may call from a thread other than the one that initialised us
             # (a compiled graph runs its own loop thread); thread-local settings follow.
-            self._thread = threading.get_ident()
+            self._thread.ready = True
             self.init_thread()
         try:
             msg = decode_rank_input(data)

@@ -13,11 +13,13 @@ finds the deltas merged, never a queue that grows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 
 from serialization import AbortRequests, CoreStats, StepOutputs, StopSequences
@@ -47,10 +49,11 @@ class RequestCollector:
     """One request's pending output: deltas merged until the consumer takes them.
     Owned by its event loop (every method runs there)."""
 
-    __slots__ = ("loop", "pending", "error", "event")
+    __slots__ = ("loop", "inbox", "pending", "error", "event")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, inbox: LoopInbox | None = None):
         self.loop = loop
+        self.inbox = inbox or LoopInbox(loop)
         self.pending: RequestOutput | None = None
         self.error: BaseException | None = None
         self.event = asyncio.Event()
@@ -99,6 +102,8 @@ class AsyncEngine:
         self._loras: dict[str, LoRARequest] = {}
         self._lora_lock = threading.Lock()
         self._next_lora_id = 1
+        self._inboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> LoopInbox
+        self._inbox_lock = threading.Lock()
         self.client = self._start_client()
 
     def _start_client(self) -> CoreClient:
@@ -113,6 +118,15 @@ class AsyncEngine:
 
         client = CoreClient(self.config, on_step, on_dead)
         return client
+
+    def _inbox(self) -> LoopInbox:
+        """The running loop's inbox (one per loop, so its outputs keep their order)."""
+        loop = asyncio.get_running_loop()
+        with self._inbox_lock:
+            inbox = self._inboxes.get(loop)
+            if inbox is None:
+                inbox = self._inboxes[loop] = LoopInbox(loop)
+        return inbox
 
     @property
     def tokenizer(self):
@@ -157,7 +171,7 @@ class AsyncEngine:
             await self.add_lora(lora_request)
         text, prompt_ids, request = self.inputs.process(request_id, prompt, params,
                                                         lora_request=lora_request)
-        collector = RequestCollector(asyncio.get_running_loop())
+        collector = RequestCollector(asyncio.get_running_loop(), self._inbox())
         with self._lock:
             self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
             self._collectors[request_id] = collector
@@ -334,7 +348,7 @@ class AsyncEngine:
             self._on_pooled(msg)
             if not msg.outputs and not msg.errors:
                 return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_inbox: dict[LoopInbox, list] = {}
         with self._lock:
             results, stops = self.outputs.process(msg.outputs) if msg.outputs else ([], [])
             step = msg.stats.num_steps if msg.stats is not None else None
@@ -342,25 +356,22 @@ class AsyncEngine:
                 out.metrics["step"] = step  # the core's step count when it was produced
                 collector = self._collectors.get(out.request_id)
                 if collector is not None:
-                    by_loop.setdefault(collector.loop, []).append((collector, out))
+                    by_inbox.setdefault(collector.inbox, []).append((collector, out))
             for err in msg.errors:
                 collector = self._collectors.pop(err.request_id, None)
                 self.outputs.abort(err.request_id)
                 if collector is not None:
                     exc = (ValueError(err.message) if err.status == 400
                            else RequestFailedError(err.message, [err.request_id]))
-                    by_loop.setdefault(collector.loop, []).append((collector, exc))
+                    by_inbox.setdefault(collector.inbox, []).append((collector, exc))
         if stops:
             ids, indices = zip(*stops)
             try:
                 self.client.send(StopSequences(list(ids), list(indices)))
             except EngineDeadError:
                 pass
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_fan_out, loop, items)
-            except RuntimeError:  # that loop is closed: its consumers are gone
-                pass
+        for inbox, items in by_inbox.items():
+            inbox.push(items)
 
     def _on_pooled(self, msg: StepOutputs) -> None:
         """Hands each finished embedding (or its error) to the call awaiting it."""
@@ -402,14 +413,11 @@ class AsyncEngine:
                                           EngineDeadError(f"engine is stopped: {reason}"))
             except RuntimeError:
                 pass
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_inbox: dict[LoopInbox, list] = {}
         for c in collectors:
-            by_loop.setdefault(c.loop, []).append((c, EngineDeadError(f"engine is stopped: {reason}")))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_fan_out, loop, items)
-            except RuntimeError:
-                pass
+            by_inbox.setdefault(c.inbox, []).append((c, EngineDeadError(f"engine is stopped: {reason}")))
+        for inbox, items in by_inbox.items():
+            inbox.push(items)
         if self._closing:
             return
         if self.num_core_restarts >= self.config.parallel.max_core_restarts:
@@ -470,15 +478,49 @@ def _resolve(future: asyncio.Future, result) -> None:
         future.set_result(result)
 
 
-def _fan_out(loop: asyncio.AbstractEventLoop, items: list) -> None:
-    """Wakes collectors a slice at a time; the rest waits behind the loop's other work."""
-    for collector, item in items[:FAN_OUT_SLICE]:
-        if isinstance(item, BaseException):
-            collector.fail(item)
-        else:
-            collector.put(item)
-    if len(items) > FAN_OUT_SLICE:
-        loop.call_soon(_fan_out, loop, items[FAN_OUT_SLICE:])
+class LoopInbox:
+    """Outputs on their way from the receiver thread to one event loop's collectors, in
+    arrival order. The loop wakes ``FAN_OUT_SLICE`` collectors per callback so that one
+    big step does not hold it; the rest waits in this queue, ahead of any later step's.
+    (Scheduling each step's remainder with ``call_soon`` put it behind the next step's
+    callback: a request's final delta could be merged in before an older one, whose
+    ``finished=False`` then hid it, and its stream waited forever.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the engine's map of inboxes is keyed weakly by loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, items: list) -> None:
+        """From any thread: ``(collector, output or exception)`` pairs, in order."""
+        with self._lock:
+            self._items.extend(items)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("event loop gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # that loop is closed: its consumers are gone
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = [self._items.popleft() for _ in range(min(FAN_OUT_SLICE, len(self._items)))]
+            more = bool(self._items)
+            self._scheduled = more
+        for collector, item in batch:
+            if isinstance(item, BaseException):
+                collector.fail(item)
+            else:
+                collector.put(item)
+        if more:
+            asyncio.get_running_loop().call_soon(self._drain)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from serialization.messages import MessageError, SamplingOptions
+from serialization.messages import GuidedSpec, MessageError, SamplingOptions
 
 
 class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="add"):
@@ -30,6 +30,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, 
     stop_token_ids: list[int] = []  # EOS included unless ignore_eos
     arrival_time: float = 0.0
     lora_id: int = 0  # a registered adapter's lora_int_id; 0: the base model
+    guided: GuidedSpec | None = None  # structured output (validated by the frontend)
 
 
 class PoolingRequest(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="pool"):

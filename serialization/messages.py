@@ -53,6 +53,16 @@ class SamplingOptions(msgspec.Struct, frozen=True, array_like=True, gc=False):
     logprobs: int = -1  # top-n log-probs to return; -1: none
 
 
+class GuidedSpec(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A structured-output constraint, as text: every rank compiles it against its own
+    tokenizer (cached) and masks the request's logits with it before sampling, so all
+    ranks sample the same token. It travels once, with the new request."""
+
+    kind: str  # json (a JSON schema) | json_object | regex | grammar (EBNF) | structural_tag
+    spec: str = ""  # the schema, regex, grammar or structural tag (JSON); "" for json_object
+    end_token_ids: list[int] = []  # the tokens that may end the output (the request's stops)
+
+
 class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """A request the ranks have never seen: the only place a prompt travels."""
 
@@ -62,6 +72,7 @@ class NewRequest(msgspec.Struct, frozen=True, array_like=True, gc=False):
     block_ids: bytes  # int32, the request's whole block table so far
     num_computed_tokens: int = 0  # > 0 on a prefix-cache hit
     lora_id: int = 0  # its adapter (0: the base model); ranks find its slot themselves
+    guided: GuidedSpec | None = None  # structured output: its tokens obey this constraint
 
 
 class BlockUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -162,7 +173,7 @@ class RankCall(msgspec.Struct, frozen=True, array_like=True, gc=False, tag="call
     Every rank answers with ``RankReply``."""
 
     method: str
-    args: list[int | float | str | bool | None | list[int]] = []
+    args: list[Any] = []  # scalars, strings, int lists, raw bytes
 
 
 class RankReply(msgspec.Struct, frozen=True, array_like=True, gc=False):

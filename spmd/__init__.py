@@ -8,7 +8,8 @@ from spmd.lora import LoRARequest
 from spmd.outputs import CompletionOutput, Logprob, RequestOutput
 from spmd.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
 from spmd.sampling_params import SamplingParams
+from spmd.structured_outputs import StructuredOutputsParams
 
 __all__ = ["AsyncEngine", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
            "EngineConfig", "LLM", "Logprob", "LoRARequest", "PoolingParams",
-           "RequestFailedError", "RequestOutput", "SamplingParams"]
+           "RequestFailedError", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]

@@ -355,6 +355,7 @@ class EngineConfig:
         threads = self.parallel.num_threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
         return RankConfig(
             model=resolve_model(self.model.model),
+            tokenizer=resolve_model(self.model.tokenizer) if self.model.tokenizer else "",
             load_format=self.model.load_format,
             dtype=self.dtype,
             tp_size=tp,

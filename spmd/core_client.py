@@ -104,6 +104,8 @@ class CoreClient:
         except zmq.ZMQError as e:  # closed by the death handler between the check and here
             raise EngineDeadError(f"engine is stopped: {self.dead or e}") from None
 
+    grammar_vocab_sent = False  # set_grammar_vocab went to this core's ranks
+
     def call(self, method: str, *args) -> Future:
         """A call the core runs between steps; its result (or error) as a ``Future``."""
         future: Future = Future()

@@ -37,6 +37,7 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, stream=stream_outputs)
         self.pooling_outputs = (PoolingOutputs(self.inputs.info.pooler)
                                 if self.inputs.info.pooler is not None else None)
+        self._grammar_vocab_sent = False  # the ranks have the tokenizer's vocabulary
 
     task = property(lambda self: self.core.task)
     # The core's state, for benchmarks and tests.
@@ -60,6 +61,9 @@ class Engine:
                                                         lora_request)
         if lora_request is not None:
             self.add_lora(lora_request)
+        if request.guided is not None and not self._grammar_vocab_sent:
+            self.core.call_all("set_grammar_vocab", self.inputs.grammar_vocab())
+            self._grammar_vocab_sent = True
         self.outputs.add(request_id, text, prompt_ids, params, request.arrival_time)
         try:
             self.core.add_request(request)

@@ -150,7 +150,7 @@ class EngineCore:
                 req.request_id if req.n == 1 else f"{req.request_id}#{i}", self._new_seq_id(),
                 req.prompt_token_ids, req.max_tokens, req.stop_token_ids, req.min_tokens,
                 sampling=_with_seed(req.sampling, seed), arrival_time=req.arrival_time,
-                lora_id=req.lora_id, lora_key=lora_key))
+                lora_id=req.lora_id, lora_key=lora_key, guided=req.guided))
         self._requests[req.request_id] = children
         for i, child in enumerate(children):
             self._owner[child.seq_id] = (req.request_id, i)

@@ -12,6 +12,7 @@ from serialization import EngineCoreRequest, PoolingRequest, SamplingOptions
 from spmd.config import EngineConfig, resolve_model
 from spmd.pooling import PoolerInfo, PoolingParams
 from spmd.sampling_params import SamplingParams
+from spmd.structured_outputs import guided_spec
 from workers.model_loader import load_hf_config, validate_tp
 from workers.models import get_model_class
 
@@ -64,6 +65,15 @@ class InputProcessor:
 
             self.tokenizer = load_tokenizer(config.model.tokenizer or self.info.model_path)
         self.eos_token_ids = eos_ids(self.info.hf_config, self.tokenizer)
+        self._grammar_vocab: bytes | None = None
+
+    def grammar_vocab(self) -> bytes:
+        """The vocabulary the ranks compile constraints against (built once, on first use)."""
+        if self._grammar_vocab is None:
+            from workers.structured import pack_vocab
+
+            self._grammar_vocab = pack_vocab(self.tokenizer, self.info.vocab_size)
+        return self._grammar_vocab
 
     @property
     def max_model_len(self) -> int:
@@ -105,12 +115,19 @@ class InputProcessor:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
+        guided = None
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs: needs the model's tokenizer (the engine "
+                                 "runs with skip_tokenizer_init)")
+            # The grammar may end on the request's stop tokens (on EOS with ignore_eos).
+            guided = guided_spec(params.structured_outputs, sorted(stop_ids or self.eos_token_ids))
         request = EngineCoreRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling_options(params),
             n=params.n, seed=params.seed, max_tokens=max_tokens,
             min_tokens=min(params.min_tokens, max_tokens), stop_token_ids=sorted(stop_ids),
             arrival_time=time.time() if arrival_time is None else arrival_time,
-            lora_id=0 if lora_request is None else lora_request.lora_int_id)
+            lora_id=0 if lora_request is None else lora_request.lora_int_id, guided=guided)
         return text, prompt_ids, request
 
     def pretokenize(self, prompts: list, params: list[PoolingParams], tokenizer=None) -> list:

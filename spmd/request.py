@@ -44,7 +44,7 @@ class Request:
         "stop_token_ids", "min_tokens", "sampling", "arrival_time", "status",
         "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks",
         "num_cached_tokens", "num_preemptions", "_all_token_ids", "arrival_step", "lora_id",
-        "lora_key", "num_pending",
+        "lora_key", "num_pending", "guided",
     )
 
     def __init__(
@@ -59,6 +59,7 @@ class Request:
         arrival_time: float | None = None,
         lora_id: int = 0,
         lora_key: int = 0,
+        guided: Any = None,
     ) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
@@ -77,6 +78,7 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at first schedule (usage reporting)
         self.num_preemptions = 0
         self.arrival_step = 0  # the engine's step count when it took the request
+        self.guided = guided  # GuidedSpec: structured output, enforced by the ranks
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
         self.lora_id = lora_id  # its adapter; 0: the base model
         self.lora_key = lora_key  # seeds its prefix-cache hashes, so adapters never share KV

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from spmd.structured_outputs import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 _INT32_MAX = 2**31 - 1
 
@@ -29,6 +31,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # Constrained decoding (JSON schema, regex, choice, grammar); a dict of its fields works too.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         """Type and range checks that hold for every engine; per-engine limits (``n``,
@@ -39,6 +43,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         _require(_is_int(self.n) and self.n >= 1, "n", f"must be an int >= 1, got {self.n!r}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):

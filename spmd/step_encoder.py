@@ -19,7 +19,8 @@ def to_message(out: SchedulerOutput, lora_slots: list[tuple[int, int]] = ()) -> 
         new_requests=[
             NewRequest(seq_id=r.seq_id, prompt_token_ids=pack_i32(r.prompt_token_ids),
                        sampling=r.sampling, block_ids=pack_i32(r.block_ids),
-                       num_computed_tokens=start[r.seq_id], lora_id=r.lora_id)
+                       num_computed_tokens=start[r.seq_id], lora_id=r.lora_id,
+                       guided=r.guided)
             for r in out.new_requests],
         block_updates=[BlockUpdate(seq_id, pack_i32(ids)) for seq_id, ids in out.block_updates],
         resumed=[ResumedRequest(r.seq_id, pack_i32(r.block_ids), start[r.seq_id])

@@ -9,17 +9,12 @@ import copy
 import os
 import threading
 
-from transformers import AutoTokenizer
-
-from workers.model_loader import resolve_model_path
+from workers.structured import load_tokenizer as _load
 
 
 def load_tokenizer(model: str):
-    folder, gguf_file = resolve_model_path(model)
     try:
-        if gguf_file:
-            return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        return AutoTokenizer.from_pretrained(folder)
+        return _load(model)
     except (OSError, ValueError) as e:
         raise ValueError(f"tokenizer: cannot load one from {model} ({e}); pass "
                          "skip_tokenizer_init=True to serve token-id prompts") from None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from serialization.messages import SamplingOptions
+from workers.structured import apply_bitmask
 
 _GREEDY_TEMPERATURE = 1e-5  # below this a row is greedy, as in vLLM
 _TINY = torch.finfo(torch.float32).tiny
@@ -68,16 +69,22 @@ def uses_filters(options: SamplingOptions) -> bool:
 class Sampler:
     """Samples one token per row of ``logits`` (float32 ``[B, V]``, full vocabulary)."""
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 bitmask: torch.Tensor | None = None) -> SampleResult:
+        """``bitmask``: int32 ``[B, ceil(V / 32)]`` allowed-token bits (structured outputs),
+        applied first; log-probs stay those of the raw logits, as vLLM reports them."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         options = [row.options for row in rows]
         greedy = [is_greedy(o) for o in options]
         penalized = [i for i, o in enumerate(options) if uses_penalties(o)]
         max_logprobs = max((o.logprobs for o in options), default=-1)
+        raw_logits = logits
+        if bitmask is not None:
+            logits = logits.clone() if max_logprobs >= 0 else logits
+            apply_bitmask(logits, bitmask)
         if all(greedy) and not penalized and max_logprobs < 0:
             return SampleResult(logits.argmax(dim=-1), None, None, None)
 
-        raw_logits = logits
         if penalized:
             logits = apply_penalties(logits, [rows[i] for i in penalized], penalized)
         token_ids = logits.argmax(dim=-1)

@@ -123,6 +123,7 @@ class SpyreMixin(CPUMixin):
         self.batch.validate(msg)
         self._validate_static(msg)
         self.batch.apply(msg)
+        self._apply_guided(msg)
         if self.static_batch is not None:
             self.static_batch.live -= set(unpack_i32(msg.finished_ids).tolist())
         if not msg.scheduled_seq_ids:
@@ -141,9 +142,9 @@ class SpyreMixin(CPUMixin):
                             block_tables=empty, sample_idx=np.arange(len(seq_ids)),
                             logits_indices=empty)
         logits = logits[torch.tensor([row_of[s] for s in seq_ids])].float()
-        result = self.sampler(logits, self._sampling_rows(inputs))
+        result = self._sample(logits, inputs)
         sampled = result.token_ids.numpy().astype(np.int32)
-        self.batch.commit(inputs, sampled)
+        self._commit(inputs, sampled)
         t1 = time.perf_counter()
         return self._output(msg.step_id, inputs, result, sampled, t1 - t_model, t1 - t0)
 

@@ -130,7 +130,7 @@ class TPUMixin(CPUMixin):
         if len(inputs.logits_indices) == 0:
             return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
         logits = logits[: len(inputs.logits_indices)].float().cpu()
-        return self.sampler(logits, self._sampling_rows(inputs))
+        return self._sample(logits, inputs)
 
     @torch.inference_mode()
     def _run(self, input_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping,

@@ -36,6 +36,7 @@ from workers.layers.lora import LoRAMapping
 from workers.lora import RankLoRA
 from workers.model_loader import load_model
 from workers.sampler import Sampler, SampleResult, SamplingRow
+from workers.structured import RankGrammars
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +69,8 @@ class Worker:
                                  device=self.device, lanes=self.lora_lanes)
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
+        self.grammars: RankGrammars | None = None  # made by the first constrained request
+        self._grammar_vocab = b""  # set_grammar_vocab's
         self.kv_caches: list[torch.Tensor] = []
         # Marks the threads whose settings are made (init_thread): thread-local, since a new
         # thread can get an ended one's ident (the compiled graph's loop thread got the rank's
@@ -234,6 +237,13 @@ class Worker:
             self._profile = None
         return result
 
+    def set_grammar_vocab(self, vocab: bytes) -> bool:
+        """The tokenizer's vocabulary for structured outputs (``pack_vocab``), sent by the
+        frontend before its first constrained request, so that ranks need not load the
+        tokenizer themselves."""
+        self._grammar_vocab = vocab
+        return True
+
     def raise_error(self, message: str) -> None:
         """Test hook: this rank raises (the engine must name it)."""
         raise RuntimeError(message)
@@ -243,6 +253,9 @@ class Worker:
         applied before the failure) and applies its preemptions, so that every rank ends
         in the state the engine expects. Returns how many sequences were dropped."""
         dropped = sum(self.batch.drop(s) for s in seq_ids)
+        if self.grammars is not None:
+            for seq_id in seq_ids:
+                self.grammars.drop(seq_id)
         for seq_id in preempted_ids:
             if seq_id in self.batch.states:
                 self.batch.preempt(seq_id)
@@ -346,6 +359,7 @@ class Worker:
         for fill in msg.lora_slots:
             self._require_lora().fill_slot(fill.slot, fill.lora_id)
         self.batch.apply(msg)
+        self._apply_guided(msg)
         if msg.scheduled_seq_ids:
             self._apply_fault()
         if not msg.scheduled_seq_ids:
@@ -360,7 +374,7 @@ class Worker:
         t_host = time.perf_counter()
         idle_s = t_model - self._last_step_end if self._last_step_end else 0.0
         self._last_step_end = t_host
-        self.batch.commit(inputs, sampled)
+        self._commit(inputs, sampled)
         t1 = time.perf_counter()
         return self._output(msg.step_id, inputs, result, sampled, t_host - t_model, t1 - t0,
                             idle_s)
@@ -372,7 +386,39 @@ class Worker:
             return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
         logits = self._compute_logits(inputs)
         self._nonfinite_steps += ~torch.isfinite(logits).all()
-        return self.sampler(logits, self._sampling_rows(inputs)).cpu()
+        return self._sample(logits, inputs).cpu()
+
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> SampleResult:
+        """Samples the step's rows; constrained rows first lose their disallowed tokens
+        (the masks are filled here, on the host, while a device still runs the forward)."""
+        bitmask = None
+        if self.grammars is not None and len(self.grammars):
+            bitmask = self.grammars.bitmask(self._sample_seq_ids(inputs))
+        return self.sampler(logits, self._sampling_rows(inputs), bitmask)
+
+    def _sample_seq_ids(self, inputs: StepInputs) -> list[int]:
+        states = self.batch.row_states
+        return [states[r].seq_id for r in inputs.rows[inputs.sample_idx].tolist()]
+
+    def _commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
+        """Appends the sampled tokens; constrained sequences' grammars advance by them."""
+        self.batch.commit(inputs, sampled)
+        if self.grammars is not None and len(self.grammars):
+            self.grammars.accept(self._sample_seq_ids(inputs), sampled)
+
+    def _apply_guided(self, msg: ExecuteModelRequest) -> None:
+        """Forgets the grammars of finished sequences; starts compiling new ones'."""
+        if self.grammars is not None:
+            for seq_id in unpack_i32(msg.finished_ids).tolist():
+                self.grammars.drop(seq_id)
+        for req in msg.new_requests:
+            if req.guided is not None:
+                if self.grammars is None:
+                    self.grammars = RankGrammars(self.config.tokenizer or self.config.model,
+                                                 self.model.config.vocab_size,
+                                                 pin=self.device.type == "cuda",
+                                                 vocab=self._grammar_vocab)
+                self.grammars.add(req.seq_id, req.guided)
 
     def _compute_logits(self, inputs: StepInputs) -> torch.Tensor:
         """Runs the model over the step; float32 logits ``[S', V]`` of the sampled tokens
@@ -518,5 +564,5 @@ def device_gaps(trace_path: str, num_steps: int) -> dict:
 _CALLS = {"ping", "initialize_cache", "determine_num_kv_blocks", "num_live_requests",
           "batch_digest", "nonfinite_steps", "score_prompt", "raise_error", "sleep",
           "num_warmup_steps", "warm_up", "num_compiled_graphs", "pid", "forget",
-          "profile_steps", "profile_result",
+          "profile_steps", "profile_result", "set_grammar_vocab",
           "fail_next_step", "hang_next_step", "load_lora", "unload_lora", "lora_slots", "loaded_loras"}

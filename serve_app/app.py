@@ -37,17 +37,24 @@ from serve_app.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
     LoadLoRAAdapterRequest,
+    FunctionCall,
     ModelCard,
     ModelList,
+    ToolCallOut,
     UnloadLoRAAdapterRequest,
 )
 from serve_app.streams import Deltas, EngineStreams, sse, usage
+from serve_app.tool_parsers import ContentDelta, ToolParser, get_tool_parser
+from spmd import StructuredOutputsParams
+from spmd.structured_outputs import check_json_schema
 from spmd import AsyncEngine, PoolingParams, RequestOutput, SamplingParams
 from spmd.async_engine import EngineDeadError, LoRANotFoundError
 from spmd.lora import LoRAInUseError, LoRARequest
@@ -85,6 +92,20 @@ def _input_error(err: ValueError, index: int | None) -> APIError:
         message = rest
     where = "input" if index is None else f"input[{index}]"
     return APIError(400, f"{where}: {message}", param="input")
+
+
+def _tool_finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish reason: ``tool_calls`` when the model stopped after calling tools."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _with_tool_prompt(messages: list[dict], parser: ToolParser) -> list[dict]:
+    """The conversation with the tools described in its system message (added first
+    when it has none), for chat templates that do not render ``tools`` themselves."""
+    prompt = parser.system_prompt()
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
 
 
 def _json(body: BaseModel) -> Response:
@@ -305,7 +326,8 @@ class LLMServer:
         self._check_generates("/v1/chat/completions")
         lora = self._model(req.model)
         params = _sampling_params(req)
-        prompt = self._render_chat(req)
+        parser = self._tool_parser(req, params)
+        prompt = self._render_chat(req, parser)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await EngineStreams.start(self.engine, self.metrics, request_id, [prompt],
                                             params, lora)
@@ -313,17 +335,49 @@ class LLMServer:
                     model=lora.lora_name if lora else self.model_name)
         top_n = req.top_logprobs or 0
         if req.stream:
-            return sse(self._chat_chunks(req, head, streams, params, top_n))
+            return sse(self._chat_chunks(req, head, streams, params, top_n, parser))
         out = (await streams.finals())[0]
-        choices = [ChatChoice(
-            index=c.index, message=ChatMessageOut(content=c.text),
-            logprobs=ChatLogprobs.build(c.token_ids, c.logprobs, top_n) if req.logprobs else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            content, calls = (c.text, []) if parser is None else parser.parse(c.text)
+            choices.append(ChatChoice(
+                index=c.index, message=ChatMessageOut(content=content, tool_calls=[
+                    ToolCallOut(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                    for t in calls]),
+                logprobs=ChatLogprobs.build(c.token_ids, c.logprobs, top_n) if req.logprobs else None,
+                finish_reason=_tool_finish(c.finish_reason, bool(calls)), stop_reason=c.stop_reason))
         return _json(ChatCompletionResponse(**head, choices=choices, usage=usage([out])))
 
+    def _tool_parser(self, req: ChatCompletionRequest, params: SamplingParams) -> ToolParser | None:
+        """The request's tool-call parser (None without tools or with tool_choice none);
+        ``required`` or a named function constrains the output to tool calls."""
+        try:
+            tools, mode = req.tool_setup()
+        except ValueError as e:
+            raise bad_value(e) from None
+        if mode == "none":
+            return None
+        parser = get_tool_parser(self.options.tool_call_parser)(tools)
+        if mode != "auto":
+            try:  # the arguments will follow these schemas: only what the grammar enforces
+                for i, tool in enumerate(tools):
+                    check_json_schema(tool["function"]["parameters"],
+                                      f"tools[{i}].function.parameters")
+            except ValueError as e:
+                raise bad_value(e) from None
+            if params.structured_outputs is not None:
+                raise APIError(400, f"tool_choice: {mode!r} forces tool calls; it cannot be "
+                               f"combined with {params.structured_outputs.source}",
+                               param="tool_choice")
+            params.structured_outputs = StructuredOutputsParams(
+                structural_tag=parser.structural_tag(mode, req.parallel_tool_calls),
+                source="tool_choice")
+        return parser
+
     async def _chat_chunks(self, req: ChatCompletionRequest, head: dict, streams: EngineStreams,
-                           params: SamplingParams, top_n: int):
+                           params: SamplingParams, top_n: int, parser: ToolParser | None):
         deltas = Deltas(params, 1)
+        tool_streams = {}  # choice index -> its ToolStream
         async for i, out in streams.outputs():
             for d in deltas.of(i, out):
                 if d.first:
@@ -331,9 +385,25 @@ class LLMServer:
                         index=d.index, delta=DeltaMessage(role="assistant", content=""))])
                 logprobs = (ChatLogprobs.build(d.token_ids, d.logprobs, top_n)
                             if req.logprobs else None)
+                if parser is None:
+                    yield ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+                        index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
+                        finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+                    continue
+                tools = tool_streams.setdefault(d.index, parser.stream())
+                events = tools.feed(d.text) + (tools.finish() if d.finish_reason else [])
+                content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+                calls = [DeltaToolCall(index=e.index, id=e.id, type="function" if e.id else None,
+                                       function=DeltaFunctionCall(name=e.name,
+                                                                  arguments=e.arguments))
+                         for e in events if not isinstance(e, ContentDelta)]
+                if not (content or calls or logprobs or d.finish_reason):
+                    continue
                 yield ChatCompletionChunk(**head, choices=[ChatChunkChoice(
-                    index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
-                    finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
+                    index=d.index, delta=DeltaMessage(content=content or None,
+                                                      tool_calls=calls or None),
+                    logprobs=logprobs, stop_reason=d.stop_reason,
+                    finish_reason=_tool_finish(d.finish_reason, tools.called))])
         if req.include_usage:
             yield ChatCompletionChunk(**head, choices=[], usage=deltas.usage())
 
@@ -444,7 +514,7 @@ class LLMServer:
     def _lora(self, name: str) -> LoRARequest | None:
         return next((x for x in self.engine.list_loras() if x.lora_name == name), None)
 
-    def _render_chat(self, req: ChatCompletionRequest) -> dict:
+    def _render_chat(self, req: ChatCompletionRequest, parser: ToolParser | None = None) -> dict:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise APIError(400, "messages: chat needs a tokenizer (the server runs with "
@@ -453,6 +523,14 @@ class LLMServer:
             messages = [m.for_template() for m in req.messages]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=False)
+            if parser is not None:
+                with_tools = tokenizer.apply_chat_template(
+                    messages, tools=parser.tools, add_generation_prompt=True, tokenize=False)
+                if with_tools == text:  # the template ignores tools: describe them ourselves
+                    with_tools = tokenizer.apply_chat_template(
+                        _with_tool_prompt(messages, parser), add_generation_prompt=True,
+                        tokenize=False)
+                text = with_tools
         except Exception as e:  # a template that rejects the conversation (roles, order, ...)
             raise APIError(400, f"messages: cannot render the chat template: {e}",
                            param="messages") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -67,8 +68,9 @@ def bad_value(err: ValueError) -> APIError:
     """A 400 from the engine's or ``SamplingParams``' ``ValueError`` ("field: limit")."""
     message = str(err)
     field, sep, _ = message.partition(":")
-    param = field if sep and field.isidentifier() else None
-    return APIError(400, message, param=param)
+    # "tools[1].function.name: missing" names the request's field "tools".
+    path = re.fullmatch(r"([A-Za-z_]\w*)(?:\[\d+\]|\.[\w$]+)*", field) if sep else None
+    return APIError(400, message, param=path.group(1) if path else None)
 
 
 def bad_schema(err: ValidationError | RequestValidationError) -> APIError:

@@ -34,6 +34,9 @@ class ServerOptions:
     port: int | None = None  # None: 8000
     # LoRA adapters loaded at start, (name, path) each; given, they imply enable_lora=True
     lora_modules: tuple[tuple[str, str], ...] = ()
+    # How the model writes tool calls: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen,
+    # SmolLM-style chat models) or llama3_json ({"name": ..., "parameters": ...}).
+    tool_call_parser: str = "hermes"
 
     def __post_init__(self):
         _check(self.max_body_bytes >= 1, "max_body_bytes", "must be >= 1")
@@ -47,6 +50,9 @@ class ServerOptions:
         _check(self.replica_num_cpus >= 0, "replica_num_cpus", "must be >= 0")
         _check(self.port is None or 0 < self.port < 65536, "port", "must be in 1..65535")
         _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        from serve_app.tool_parsers import get_tool_parser
+
+        get_tool_parser(self.tool_call_parser)  # a ValueError naming tool_call_parser
         names = [name for name, _ in self.lora_modules]
         _check(all(names), "lora_modules", "an adapter name must not be empty")
         twice = sorted({n for n in names if names.count(n) > 1})

@@ -11,7 +11,8 @@ import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spmd import Logprob, PoolingParams, SamplingParams
+from serve_app.tool_parsers import validate_tool_choice, validate_tools
+from spmd import Logprob, PoolingParams, SamplingParams, StructuredOutputsParams
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
@@ -47,33 +48,63 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI / vLLM fields this server does not implement: accepted in the schema only to
-    # be refused with a 400 naming them (never silently ignored) unless given as a no-op.
-    best_of: Any = None
-    logit_bias: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    functions: Any = None
-    function_call: Any = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (one of them per request).
     response_format: Any = None
+    structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    # OpenAI / vLLM fields this server does not implement: accepted in the schema only to
+    # be refused with a 400 naming them (never silently ignored) unless given as a no-op.
+    best_of: Any = None
+    logit_bias: Any = None
+    functions: Any = None
+    function_call: Any = None
 
     def _refuse_unsupported(self) -> None:
-        noop = {"best_of": (None, 1), "logit_bias": (None, {}), "tools": (None, []),
-                "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-                "functions": (None, []), "function_call": (None, "none"),
-                "response_format": (None, {"type": "text"})}
-        for name in ("best_of", "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
-                     "functions", "function_call", "response_format", "guided_json",
-                     "guided_regex", "guided_choice", "guided_grammar"):
+        noop = {"best_of": (None, 1), "logit_bias": (None, {}), "functions": (None, []),
+                "function_call": (None, "none")}
+        for name, ok_values in noop.items():
             value = getattr(self, name)
-            if not any(value == ok and type(value) is type(ok) for ok in noop.get(name, (None,))):
-                raise ValueError(f"{name}: not supported by this server (structured outputs "
-                                 "and tool calling are not implemented yet); leave it out")
+            if not any(value == ok and type(value) is type(ok) for ok in ok_values):
+                hint = "; use tools and tool_choice" if name.startswith("function") else ""
+                raise ValueError(f"{name}: not supported by this server{hint}; leave it out")
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever field gave one (``ValueError``
+        naming the field for a bad value, or for two fields given at once)."""
+        found = []
+        rf = self.response_format
+        if rf is not None:
+            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object",
+                                                                  "json_schema"):
+                raise ValueError("response_format: must be an object whose type is text, "
+                                 "json_object or json_schema")
+            if rf["type"] == "json_object":
+                found.append(StructuredOutputsParams(json_object=True, source="response_format"))
+            elif rf["type"] == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or "schema" not in spec:
+                    raise ValueError("response_format.json_schema: must be an object with a "
+                                     "schema (and a name)")
+                found.append(StructuredOutputsParams(
+                    json=spec["schema"], source="response_format.json_schema.schema"))
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError("structured_outputs: must be an object (json, regex, choice, "
+                                 "grammar or json_object)")
+            found.append(StructuredOutputsParams.coerce(self.structured_outputs))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append(StructuredOutputsParams(**{key: value}, source=name))
+        if len(found) > 1:
+            raise ValueError(f"{found[1].source}: give one output constraint, not several "
+                             f"(also given: {found[0].source})")
+        return found[0] if found else None
 
     @property
     def include_usage(self) -> bool:
@@ -91,6 +122,7 @@ class _SamplingFields(_Request):
             stop=self.stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured(),
             **{k: v for k, v in given.items() if v is not None})
 
 
@@ -101,9 +133,16 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: Any = None
 
+    tools: Any = None  # chat only: refused here by name
+    tool_choice: Any = None
+
     def _refuse_unsupported(self) -> None:
         if self.suffix is not None:
             raise ValueError("suffix: not supported by this server; leave it out")
+        for name in ("tools", "tool_choice"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: tool calling is a chat feature; use "
+                                 "/v1/chat/completions")
         super()._refuse_unsupported()
 
     @field_validator("prompt", mode="before")
@@ -168,6 +207,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+
+    def tool_setup(self) -> tuple[list[dict], str]:
+        """(the validated tools, the mode: none | auto | required | a function's name);
+        ``ValueError`` naming the field."""
+        tools = validate_tools(self.tools) if self.tools is not None else []
+        return tools, validate_tool_choice(self.tool_choice, tools)
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -325,9 +373,21 @@ class ChatLogprobs(BaseModel):
             for tid, entry in zip(token_ids, entries)])
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(BaseModel):
@@ -347,9 +407,22 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

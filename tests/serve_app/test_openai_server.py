@@ -260,9 +260,9 @@ def test_bad_completion_requests_are_400(http, body, param):
     ({"messages": CHAT, "max_completion_tokens": -1}, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),  # unknown role
     ({"messages": [{"role": "user", "content": None}]}, "messages"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {}}]}, "tools"),
+    ({"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "response_format"),
     ({"messages": CHAT, "top_logprobs": 21, "logprobs": True}, "logprobs"),
 ])
 def test_bad_chat_requests_are_400(http, body, param):

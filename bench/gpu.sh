@@ -10,6 +10,10 @@
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
 #   bash bench/gpu.sh floor   # issue 13 in one call: 7B bf16 dag/inproc/hf, tiny fp32 parity,
 #                             # 7B fp8 dag, decode-kernel sweep, 7B kv_reserve=1, Llama-3-8B dag/inproc
+#   bash bench/gpu.sh structured  # issue 14: 7B shape (SmolLM2's vocabulary) unconstrained vs
+#                             # every request under bench.throughput's JSON schema; needs
+#                             # .tok_smollm2 (SmolLM2's tokenizer saved by save_pretrained) and
+#                             # wheels with xgrammar: EXTRA="pyzmq xgrammar==0.2.9 apache-tvm-ffi"
 #   bash bench/gpu.sh fp8acc  # FP8 KV accuracy on the real SmolLM2 (bench/fp8_accuracy.py);
 #                             # the GGUF (98 MB) travels in parts .gguf_a/b/c (carry limit)
 #
@@ -70,6 +74,9 @@ case $mode in
     thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
     ;;
+  structured)
+    thru structured_7b --num-prompts 512 --backends dag --structured json --tokenizer .tok_smollm2
+    ;;
   kernels)
     run kernels python3 -m bench.check_kernels --dtypes bfloat16 --skip-bandwidth
     ;;
@@ -78,6 +85,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | structured | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

@@ -50,8 +50,8 @@ from dataclasses import astuple, dataclass
 
 import numpy as np
 
-from bench.throughput import (Workload, check_fits, emit_json, machine_info, make_workload,
-                              run_cli)
+from bench.throughput import (STRUCTURED_SCHEMA, Workload, check_fits, emit_json, machine_info,
+                              make_workload, run_cli)
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2's
 SWEEP = "sweep"
@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="client processes that share each level's requests and concurrency "
                         "(spawned once; 1: the load runs in this process)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--structured", default=None, choices=("json",),
+                   help="every request (and the offline run) constrained by bench.throughput's "
+                        "STRUCTURED_SCHEMA, as response_format json_schema")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     p.add_argument("--plot", default=None, help="PNG of latency and throughput vs load")
     args = p.parse_args(argv)
@@ -222,18 +225,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- workload ---------------------------------------------------------------------------
 
 def request_bodies(workload: Workload, endpoint: str, model: str | None,
-                   lora_names: list[str] = ()) -> list[dict]:
+                   lora_names: list[str] = (), structured: str | None = None) -> list[dict]:
     """One streamed request per prompt: greedy, ``max_tokens`` always reached; with
     ``lora_names``, request i names adapter i mod n as its model."""
-    bodies = _bodies(workload, endpoint, model)
+    bodies = _bodies(workload, endpoint, model, structured)
     for i, body in enumerate(bodies if lora_names else ()):
         body["model"] = lora_names[i % len(lora_names)]
     return bodies
 
 
-def _bodies(workload: Workload, endpoint: str, model: str | None) -> list[dict]:
+def _bodies(workload: Workload, endpoint: str, model: str | None,
+            structured: str | None = None) -> list[dict]:
     common = dict(temperature=0.0, ignore_eos=True, stream=True,
                   stream_options={"include_usage": True})
+    if structured:
+        common["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "bench", "schema": STRUCTURED_SCHEMA}}
     if model is not None:
         common["model"] = model
     if endpoint == "completions":
@@ -368,7 +375,8 @@ async def _model_and_warmup(client, args, model: str | None) -> str:
         resp = await client.get("/v1/models")
         resp.raise_for_status()
         model = resp.json()["data"][0]["id"]
-    warmup = request_bodies(Workload([[1, 2, 3, 4]], [2]), args.endpoint, model)[0]
+    warmup = request_bodies(Workload([[1, 2, 3, 4]], [2]), args.endpoint, model,
+                            structured=args.structured)[0]
     first = await send(client, _path(args), warmup)
     if not first.ok:
         raise RuntimeError(f"warm-up request to {args.base_url}{_path(args)} failed: "
@@ -388,7 +396,8 @@ async def _load_in_process(args, model: str | None, workloads: list[Workload]) -
         model = await _model_and_warmup(client, args, model)
         levels = []
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
-            bodies = request_bodies(workload, args.endpoint, model, args.lora_names)
+            bodies = request_bodies(workload, args.endpoint, model, args.lora_names,
+                                    args.structured)
             probes = _probe_bodies(args, model, i) if args.probe else []
             idle = await asyncio.to_thread(_probe_thread, args, probes[:3], 0.0)
             loaded = (asyncio.ensure_future(asyncio.to_thread(
@@ -447,7 +456,8 @@ def _load_in_processes(args, model: str | None, workloads: list[Workload]) -> li
     levels = []
     with ClientPool(args, model, args.num_clients) as pool:
         for i, (level, workload) in enumerate(zip(args.levels, workloads)):
-            bodies = request_bodies(workload, args.endpoint, model, args.lora_names)
+            bodies = request_bodies(workload, args.endpoint, model, args.lora_names,
+                                    args.structured)
             offsets = arrival_offsets(len(bodies), args.load, level, args.seed + i)
             bar = tqdm(total=len(bodies), desc=f"{args.load.replace('_', ' ')} {level:g}",
                        unit="req")
@@ -833,10 +843,11 @@ def run_offline(args, workload: Workload, max_num_seqs: int | None = None) -> di
             prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(
                 [{"role": "user", "content": chat_text(ids)}], add_generation_prompt=True,
                 tokenize=False), add_special_tokens=False)} for ids in workload.prompts]
-        params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k)
-                  for k in workload.output_lens]
-        llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=2),
-                     use_tqdm=False)  # warm-up, as the HTTP run has
+        guided = ({"json": STRUCTURED_SCHEMA} if args.structured else None)
+        params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
+                                 structured_outputs=guided) for k in workload.output_lens]
+        llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(
+            max_tokens=2, structured_outputs=guided), use_tqdm=False)  # warm-up, as HTTP's
         loras = None
         if args.lora_names:
             paths = dict(item.split("=", 1) for item in args.serve_args["lora_modules"].split(","))

@@ -20,6 +20,12 @@ Static-shape mode (``--device spyre --warmup-shapes 256,128,8``, or ``--device
 tpu-emulated``) is compared with the default engine on the same prompts by
 ``--devices cpu,spyre``; the warm-up (compile) time of each shape is reported.
 
+``--structured json`` runs each engine twice on the same prompts: unconstrained, then
+every request constrained by the same moderate JSON schema (``STRUCTURED_SCHEMA``,
+xgrammar masks on every rank); the ratio is the cost of structured outputs. Its
+grammar needs a tokenizer: ``--tokenizer`` (default: the model's own; for a dummy
+preset, SmolLM2's, with the preset's vocabulary resized to it).
+
 ``dag-sync`` (``inproc-sync``, ``ray-sync``) is that backend with ``async_scheduling``
 off, for the cost of running one step at a time. ``--engine-arg key=value`` passes
 engine options (``kv_reserve=1``, ``kv_cache_dtype=fp8``) to every engine run, and
@@ -48,6 +54,27 @@ ENGINE_BACKENDS = ("dag", "ray", "inproc")
 # "<backend>-sync": the same engine with async_scheduling off (one step at a time)
 BACKENDS = ENGINE_BACKENDS + tuple(f"{b}-sync" for b in ENGINE_BACKENDS) + ("hf",)
 MIXED_RANGE = (16, 256)  # --mixed: input and output lengths, inclusive
+# --structured json: nested objects, an array of objects, enums, bounded numbers and free
+# strings (so the grammar stays live for long outputs).
+STRUCTURED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 1000000},
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "inactive", "pending"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 100},
+        "address": {"type": "object", "properties": {
+            "street": {"type": "string"}, "city": {"type": "string"},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["street", "city", "zip"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+        "orders": {"type": "array", "items": {"type": "object", "properties": {
+            "sku": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1,
+                                                    "maximum": 99},
+            "note": {"type": "string"}}, "required": ["sku", "quantity", "note"]}},
+    },
+    "required": ["id", "name", "status", "score", "address", "tags", "orders"],
+}
 
 
 @dataclasses.dataclass
@@ -133,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", default=None, metavar="START,N",
                    help="trace N steps of each engine run from its rank's step START on")
     p.add_argument("--profile-dir", default="/tmp/spmd-bench-profile")
+    p.add_argument("--structured", default=None, choices=("json",),
+                   help="each engine also runs every request under STRUCTURED_SCHEMA")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer path (structured outputs); default: the model's own, "
+                        "SmolLM2's for a dummy preset")
     p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -201,9 +233,10 @@ def check_fits(workload: Workload, max_model_len: int) -> None:
 # ---- backends -----------------------------------------------------------------------------
 
 def run_engine(backend: str, device: str, model_path: str, workload: Workload, args,
-               adapters: list[str] = ()) -> Result:
-    """One engine run; with ``adapters``, LoRA on and request i runs adapter i mod n."""
-    from spmd import LLM, LoRARequest, SamplingParams
+               adapters: list[str] = (), structured: str | None = None) -> Result:
+    """One engine run; with ``adapters``, LoRA on and request i runs adapter i mod n;
+    with ``structured="json"``, every request constrained by ``STRUCTURED_SCHEMA``."""
+    from spmd import LLM, LoRARequest, SamplingParams, StructuredOutputsParams
 
     static = dict(warmup_shapes=";".join(args.warmup_shapes) if device == "spyre" else None,
                   compile_backend=args.compile_backend)
@@ -215,14 +248,18 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
               dtype=args.dtype, device=device, **static, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,
-              skip_tokenizer_init=not _has_tokenizer(model_path),
+              skip_tokenizer_init=not (args.tokenizer or _has_tokenizer(model_path)),
+              **(dict(tokenizer=args.tokenizer) if args.tokenizer else {}),
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               **(dict(enable_lora=True, max_loras=len(adapters), max_lora_rank=args.lora_rank)
                  if adapters else {}))
     try:
         startup_s = time.perf_counter() - t0
+        guided = StructuredOutputsParams(json=STRUCTURED_SCHEMA) if structured else None
         params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=k,
-                                 detokenize=not args.disable_detokenize) for k in workload.output_lens]
+                                 # --structured: both runs detokenize (the check reads text)
+                                 detokenize=not args.disable_detokenize or bool(args.structured),
+                                 structured_outputs=guided) for k in workload.output_lens]
         prompts = [{"prompt_token_ids": p} for p in workload.prompts]
         loras = [LoRARequest(f"adapter{i}", i + 1, path) for i, path in enumerate(adapters)]
         for lora in loras:  # loaded before the clock starts, as a server loads them at deploy
@@ -245,15 +282,38 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
                      preemptions=llm.engine.stats_total["preemptions"],
                      nonfinite_steps=max(llm.engine.call_all("nonfinite_steps")))
         warmup_s = llm.engine.warmup_times_s
+        if structured:
+            extra.update(structured_check(outputs))
     finally:
         llm.shutdown()
     label += f"+lora{len(adapters)}" if adapters else ""
+    label += f"+{structured}" if structured else ""
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     if generated != workload.num_output_tokens:
         print(f"warning: {label} generated {generated} tokens, {workload.num_output_tokens} requested",
               file=sys.stderr)
     return Result(label, startup_s, elapsed_s, len(outputs), workload.num_prompt_tokens,
                   workload.num_output_tokens, warmup_s or None, extra)
+
+
+def structured_check(outputs) -> dict:
+    """How many constrained outputs hold one whole JSON value that validates (with
+    ``ignore_eos`` a finished grammar then emits only end tokens), how many do not parse
+    (cut by ``max_tokens`` inside the value) and how many parse but do not validate."""
+    import jsonschema
+
+    valid = cut = bad = 0
+    for out in outputs:
+        text = out.outputs[0].text.strip()
+        try:
+            jsonschema.validate(json.loads(text), STRUCTURED_SCHEMA)
+            valid += 1
+        except json.JSONDecodeError:
+            cut += 1
+        except jsonschema.ValidationError:
+            bad += 1
+    return dict(structured_valid=valid, structured_unparsed=cut,
+                structured_invalid=bad)
 
 
 def _record_steps(engine) -> list[dict]:
@@ -475,7 +535,19 @@ def main(argv=None) -> dict:
     from spmd.config import resolve_model
     from workers.model_loader import load_hf_config
 
-    model_path = materialize(args.model) if is_preset(args.model) else resolve_model(args.model)
+    overrides = {}
+    if args.structured and is_preset(args.model):  # a preset has no tokenizer: SmolLM2's
+        from spmd.config import DEFAULT_MODEL
+        from spmd.tokenizer import load_tokenizer
+
+        args.tokenizer = resolve_model(args.tokenizer or DEFAULT_MODEL)
+        tok = load_tokenizer(args.tokenizer)
+        overrides = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id)
+    elif args.tokenizer:
+        args.tokenizer = resolve_model(args.tokenizer)
+    model_path = (materialize(args.model, **overrides) if is_preset(args.model)
+                  else resolve_model(args.model))
     hf_config = load_hf_config(model_path)
     workload = make_workload(args, hf_config.vocab_size)
     check_fits(workload, args.max_model_len or getattr(hf_config, "max_position_embeddings", None) or 2048)
@@ -496,13 +568,16 @@ def main(argv=None) -> dict:
                                              seed=args.seed, dtype=_dtype_name(args.dtype, args.device))
         lora_sets = [[], adapters[:1], adapters] if args.num_loras > 1 else [[], adapters] \
             if args.num_loras else [[]]
-        runs = [(b, d, s) for d in args.devices for b in args.backends if b != "hf" for s in lora_sets]
-        runs += [("hf", args.device, s) for s in lora_sets] if "hf" in args.backends else []
-        for backend, device, lora_set in runs:
+        kinds = [None, args.structured] if args.structured else [None]
+        runs = [(b, d, s, k) for d in args.devices for b in args.backends if b != "hf"
+                for s in lora_sets for k in kinds]
+        runs += [("hf", args.device, s, None) for s in lora_sets] if "hf" in args.backends else []
+        for backend, device, lora_set, structured in runs:
             if backend == "hf":
                 result = run_hf(model_path, workload, args, lora_set)
             else:
-                result = run_engine(backend, device, model_path, workload, args, lora_set)
+                result = run_engine(backend, device, model_path, workload, args, lora_set,
+                                    structured)
             results.append(result.summary())
             r = results[-1]
             print(f"Throughput: {r['requests_per_s']:.2f} requests/s, {r['total_tokens_per_s']:.2f} "
@@ -541,7 +616,8 @@ def main(argv=None) -> dict:
         num_threads_per_rank=args.num_threads_per_rank or None,
         hf_batch_size=(args.hf_batch_size or args.num_prompts) if "hf" in args.backends else None,
         lora_rank=args.lora_rank if args.num_loras else None, num_loras=args.num_loras or None,
-        seed=args.seed, engine_args=args.engine_args or None,
+        seed=args.seed, engine_args=args.engine_args or None, structured=args.structured,
+        tokenizer=args.tokenizer,
         results=results, command=" ".join(["python -m bench.throughput", *(argv or sys.argv[1:])]),
         machine=machine_info())
     return emit_json(record, args.json_out)

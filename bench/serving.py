@@ -483,7 +483,7 @@ class ClientPool:
 
         ctx = multiprocessing.get_context("spawn")
         config = dict(base_url=args.base_url, api_key=args.api_key, timeout_s=args.timeout_s,
-                      endpoint=args.endpoint, model=model)
+                      endpoint=args.endpoint, model=model, structured=args.structured)
         self.procs, self.conns, self.counters = [], [], []
         try:
             for _ in range(num_clients):

@@ -54,6 +54,8 @@ class Worker:
     _profile: StepProfile | None = None  # a traced window of steps (profile_steps)
     _num_steps = 0
     _last_step_end = 0.0  # when the last step's tokens were on the host
+    grammars: RankGrammars | None = None  # made by the first constrained request
+    _grammar_vocab = b""  # set_grammar_vocab's
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -69,8 +71,6 @@ class Worker:
                                  device=self.device, lanes=self.lora_lanes)
         self.sampler = Sampler()
         self.batch = InputBatch(config.max_model_len, config.block_size)
-        self.grammars: RankGrammars | None = None  # made by the first constrained request
-        self._grammar_vocab = b""  # set_grammar_vocab's
         self.kv_caches: list[torch.Tensor] = []
         # Marks the threads whose settings are made (init_thread): thread-local, since a new
         # thread can get an ended one's ident (the compiled graph's loop thread got the rank's

@@ -1,7 +1,8 @@
 """Structured outputs (xgrammar masks on every rank): the real SmolLM2 writes JSON that
 validates against 20 schemas, regexes and choices hold under every sampling mode, a
 constrained request leaves an unconstrained one in its batch untouched, tp=2 samples what
-tp=1 does, and preemption, prefix caching and n > 1 change nothing a user sees."""
+tp=1 does, preemption, prefix caching and n > 1 change nothing a user sees, and the
+static-shape ranks (TPU, Spyre) mask as well."""
 
 import json
 import re
@@ -270,3 +271,20 @@ def test_tp2_preemption_and_prefix_caching_sample_what_tp1_does(ray_cluster, tin
         tiny_chat_model, 2, 10))
     assert preemptions > 0
     assert small == base
+
+
+@pytest.mark.parametrize("device, extra", [
+    ("tpu-emulated", dict(compile_backend="eager", max_num_seqs=8, max_num_batched_tokens=64)),
+    ("spyre", dict(compile_backend="eager", warmup_shapes="64,32,4")),
+])
+def test_static_shape_ranks_mask_too(ray_cluster, tiny_chat_model, device, extra):
+    regex = "[a-z]{2,5}( [a-z]{2,5}){2}"
+    llm = LLM(tiny_chat_model, device=device, max_model_len=128, **extra)
+    try:
+        outs = llm.generate(TINY_PROMPTS[:4], SamplingParams(
+            temperature=0, max_tokens=30, structured_outputs={"regex": regex}), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    for out in outs:
+        assert re.fullmatch(regex, out.outputs[0].text), out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop"

@@ -70,9 +70,10 @@ class Sampler:
     """Samples one token per row of ``logits`` (float32 ``[B, V]``, full vocabulary)."""
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
-                 bitmask: torch.Tensor | None = None) -> SampleResult:
-        """``bitmask``: int32 ``[B, ceil(V / 32)]`` allowed-token bits (structured outputs),
-        applied first; log-probs stay those of the raw logits, as vLLM reports them."""
+                 bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SampleResult:
+        """``bitmask``: ``(int32 [B, ceil(V / 32)] allowed-token bits, the constrained rows)``
+        (structured outputs), applied first; log-probs stay those of the raw logits, as vLLM
+        reports them."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         options = [row.options for row in rows]
         greedy = [is_greedy(o) for o in options]
@@ -81,7 +82,7 @@ class Sampler:
         raw_logits = logits
         if bitmask is not None:
             logits = logits.clone() if max_logprobs >= 0 else logits
-            apply_bitmask(logits, bitmask)
+            apply_bitmask(logits, *bitmask)
         if all(greedy) and not penalized and max_logprobs < 0:
             return SampleResult(logits.argmax(dim=-1), None, None, None)
 

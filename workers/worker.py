@@ -56,6 +56,7 @@ class Worker:
     _last_step_end = 0.0  # when the last step's tokens were on the host
     grammars: RankGrammars | None = None  # made by the first constrained request
     _grammar_vocab = b""  # set_grammar_vocab's
+    _to_accept: tuple[list[int], np.ndarray] | None = None  # the last step's tokens, for them
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -393,8 +394,17 @@ class Worker:
         (the masks are filled here, on the host, while a device still runs the forward)."""
         bitmask = None
         if self.grammars is not None and len(self.grammars):
+            self._accept_guided()
             bitmask = self.grammars.bitmask(self._sample_seq_ids(inputs))
         return self.sampler(logits, self._sampling_rows(inputs), bitmask)
+
+    def _accept_guided(self) -> None:
+        """Advances the grammars by the last step's tokens: deferred to here, after this
+        step's forward is launched, so that on a GPU it overlaps the forward instead of
+        delaying it (0.8 ms for 256 sequences on this CPU)."""
+        if self._to_accept is not None:
+            (seq_ids, tokens), self._to_accept = self._to_accept, None
+            self.grammars.accept(seq_ids, tokens)
 
     def _sample_seq_ids(self, inputs: StepInputs) -> list[int]:
         states = self.batch.row_states
@@ -404,7 +414,8 @@ class Worker:
         """Appends the sampled tokens; constrained sequences' grammars advance by them."""
         self.batch.commit(inputs, sampled)
         if self.grammars is not None and len(self.grammars):
-            self.grammars.accept(self._sample_seq_ids(inputs), sampled)
+            self._accept_guided()  # a step that sampled nothing left the last ones pending
+            self._to_accept = (self._sample_seq_ids(inputs), sampled)  # see _accept_guided
 
     def _apply_guided(self, msg: ExecuteModelRequest) -> None:
         """Forgets the grammars of finished sequences; starts compiling new ones'."""

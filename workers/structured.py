@@ -123,9 +123,6 @@ class RankGrammars:
     def drop(self, seq_id: int) -> None:
         self._matchers.pop(seq_id, None)
 
-    def has(self, seq_id: int) -> bool:
-        return seq_id in self._matchers
-
     def __len__(self) -> int:
         return len(self._matchers)
 
@@ -175,12 +172,10 @@ class RankGrammars:
         return self._batch
 
     def _end_row(self, seq_id: int) -> torch.Tensor:
-        row = torch.zeros(self.words * _BITS, dtype=torch.bool)
+        """A mask row allowing only the sequence's end tokens."""
+        row = np.zeros(self.words * _BITS, dtype=bool)
         row[[t for t in self._matchers[seq_id].end_token_ids if t < len(row)]] = True
-        weights = torch.bitwise_left_shift(torch.ones(_BITS, dtype=torch.int64),
-                                           torch.arange(_BITS))
-        words = (row.view(self.words, _BITS).to(torch.int64) * weights).sum(-1)
-        return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+        return torch.from_numpy(np.packbits(row, bitorder="little").view("<i4"))
 
     def accept(self, seq_ids: list[int], tokens: np.ndarray) -> None:
         """Advances the constrained sequences by the tokens they sampled. A sequence

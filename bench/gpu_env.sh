@@ -10,6 +10,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+# SmolLM2's tokenizer (structured outputs) may travel xz-packed: .tok_xz/tok.tar.xz
+# (0.5 MB, not 3.5: the carry limit is 64 MiB and the wheels take 60)
+[ -d .tok_smollm2 ] || [ ! -f .tok_xz/tok.tar.xz ] || tar xJf .tok_xz/tok.tar.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 fail=0

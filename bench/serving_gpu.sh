@@ -6,6 +6,10 @@
 #   bash bench/serving_gpu.sh proxy   # Serve's default (Python) HTTP proxy
 #   bash bench/serving_gpu.sh direct  # direct ingress: clients talk to the replica's port
 #   LOADS="c512 c64" bash bench/serving_gpu.sh fast   # a subset of the loads
+#   bash bench/serving_gpu.sh structured  # issue 14: c=256, 512 requests 256 / 128 under
+#                                         # bench.throughput's JSON schema, then unconstrained
+#                                         # (proxy ingress); the 7B shape with SmolLM2's
+#                                         # vocabulary and tokenizer (.tok_smollm2 or .tok_xz)
 #
 # Loads (the issue's table): c512 = 512 streams, 256 in / 256 out; c64 = a sweep of 16 and
 # 64 streams, 256 / 128 (offline compared at 64); c1 = one stream, 256 / 128.
@@ -21,10 +25,22 @@ case $mode in
   fast) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --serve-env RAY_SERVE_ENABLE_HA_PROXY=1) ;;
   proxy) ingress=() ;;
   direct) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --direct-ingress) ;;
-  *) echo "unknown mode $mode (fast | proxy | direct)"; exit 2 ;;
+  structured) ingress=() ;;
+  *) echo "unknown mode $mode (fast | proxy | direct | structured)"; exit 2 ;;
 esac
 engine=(--engine-arg load_format=dummy --engine-arg skip_tokenizer_init=true
         --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=8192)
+if [ "$mode" = structured ]; then  # a grammar needs a tokenizer: SmolLM2's, and its vocabulary
+  MODEL=/tmp/llama2-7b-smol
+  mkdir -p "$MODEL" && cp .tok_smollm2/* "$MODEL"/ || exit 1
+  python3 -c "import json; from bench.presets import PRESETS; from transformers import AutoTokenizer
+t = AutoTokenizer.from_pretrained('$MODEL')
+json.dump(dict(PRESETS['llama2-7b'], vocab_size=len(t), eos_token_id=t.eos_token_id,
+               bos_token_id=t.bos_token_id), open('$MODEL/config.json', 'w'))" || exit 1
+  engine=(--engine-arg load_format=dummy --engine-arg max_num_seqs=512
+          --engine-arg max_num_batched_tokens=8192)
+  LOADS=${LOADS:-json free}
+fi
 
 fail=0
 serve() {  # serve NAME ARGS...: one bench.serving run, JSON to $OUT/NAME.json
@@ -45,6 +61,8 @@ for load in ${LOADS:-c512 c64 c1}; do
     c512) serve "${mode}_c512" --concurrency 512 --num-prompts 512 --input-len 256 --output-len 256 --num-clients 4 ;;
     c64) serve "${mode}_c64" --concurrency --sweep 16,64 --num-prompts 256 --input-len 256 --output-len 128 --num-clients 2 --offline-matched ;;
     c1) serve "${mode}_c1" --concurrency 1 --num-prompts 24 --input-len 256 --output-len 128 --skip-offline ;;
+    json) serve structured_c256 --concurrency 256 --num-prompts 512 --input-len 256 --output-len 128 --structured json ;;
+    free) serve unconstrained_c256 --concurrency 256 --num-prompts 512 --input-len 256 --output-len 128 ;;
   esac
 done
 exit $fail

@@ -415,6 +415,54 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale, causal):
     return torch.empty_like(q)
 
 
+# --------------------------------------------------------------------------- mixture of experts
+
+
+def moe_routing(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """``(topk_weights [T, K] float32, topk_ids [T, K] int64)``: softmax over the experts in
+    float32, the ``top_k`` largest, renormalised to sum 1 when ``renormalize`` (Mixtral;
+    Qwen3-MoE's ``norm_topk_prob``), as transformers routes."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _fused_moe_ref(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
+                   topk_ids: Tensor) -> Tensor:
+    # Tokens sorted by expert, one GEMM pair per expert that received any, and the
+    # weighted outputs summed per token in float32.
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    weights = topk_weights.reshape(-1).to(torch.float32)
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start:start + count]
+        start += count
+        tokens = rows // top_k
+        gate, up = torch.nn.functional.linear(x[tokens], w13[expert]).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[expert])
+        out.index_add_(0, tokens, y.to(torch.float32) * weights[rows, None])
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("spmd::fused_moe", mutates_args=())
+def _fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
+               topk_ids: Tensor) -> Tensor:
+    return _fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+
+
+@_fused_moe.register_fake
+def _(x, w13, w2, topk_weights, topk_ids):
+    return x.new_empty(x.shape)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -490,3 +538,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     those at or before each query (``causal=True``). GQA as in ``paged_attention``; tokens
     past ``cu_seqlens[-1]`` (padding) come out zero. Returns ``[T, nh, hd]``."""
     return torch.ops.spmd.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+
+
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
+              topk_ids: Tensor) -> Tensor:
+    """A mixture-of-experts MLP: token t goes through experts ``topk_ids[t, k]``, each
+    ``down(silu(gate(x)) * up(x))`` with ``w13 [E, 2I, H]`` (gate rows, then up rows) and
+    ``w2 [E, H, I]``, and the outputs are summed with ``topk_weights [T, K]``. ``x [T, H]``
+    → ``[T, H]`` in x's dtype (accumulated in float32). Under tensor parallelism ``I`` is
+    this rank's slice and the result a partial sum."""
+    return torch.ops.spmd.fused_moe(x, w13, w2, topk_weights, topk_ids)

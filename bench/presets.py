@@ -14,6 +14,11 @@ import tempfile
 _LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
               attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2)
 
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
+              attention_bias=False, head_dim=128, vocab_size=151936,
+              max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              bos_token_id=151643, eos_token_id=151645)
+
 PRESETS: dict[str, dict] = {
     # Fast enough for smoke tests at tp=1 or 2.
     "tiny": dict(_LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -38,6 +43,23 @@ PRESETS: dict[str, dict] = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643),
+    # Qwen3 (per-head q/k norm, head_dim 128 > hidden / heads for the 0.6B) and its MoE.
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(_QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                         hidden_act="silu", hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                         max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                         sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2),
 }
 
 

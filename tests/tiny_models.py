@@ -1,8 +1,8 @@
 """Tiny random HF checkpoints (fp32, safetensors) for the tests.
 
-``build_tiny(tmp_path, "llama" | "mistral" | "qwen2", **config_overrides)`` saves
-one with transformers and returns its directory. Head counts are divisible by 2
-so every variant runs at tp=2.
+``build_tiny(tmp_path, "llama" | "mistral" | "qwen2" | "qwen3" | "qwen3_moe" | "mixtral",
+**config_overrides)`` saves one with transformers and returns its directory. Head counts
+are divisible by 2 so every variant runs at tp=2.
 """
 
 from __future__ import annotations
@@ -26,16 +26,34 @@ VARIANTS = {
                               "rope_theta": 500000.0}),
     "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "odd_vocab": ("llama", {"vocab_size": 251, "tie_word_embeddings": True}),
+    # Qwen3: head_dim 32 != hidden / heads (16), as in the real 0.6B (128 vs 64).
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "qwen3_tied": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True,
+                             "num_attention_heads": 8, "num_key_value_heads": 8}),
+    # 8 experts, top 2 (renormalised); layer 1 dense, as mlp_only_layers allows.
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                "mlp_only_layers": [1]}),
+    # Qwen3-30B-A3B's routing: top 8 of many, not renormalised.
+    "qwen3_moe_top8": ("qwen3_moe", {"head_dim": 16, "num_experts": 16,
+                                     "num_experts_per_tok": 8, "moe_intermediate_size": 16,
+                                     "norm_topk_prob": False}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                            "intermediate_size": 64}),
 }
 
 
 def _classes(arch: str):
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     return {"llama": (LlamaConfig, LlamaForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM),
-            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+            "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+            "mixtral": (MixtralConfig, MixtralForCausalLM)}[arch]
 
 
 def tiny_config(arch: str, **overrides):

@@ -48,17 +48,26 @@ def load_hf_config(model: str):
 
 
 def validate_tp(hf_config, tp_size: int) -> None:
-    """Raises ValueError unless ``tp_size`` divides every sharded dimension."""
+    """Raises ValueError unless ``tp_size`` divides every sharded dimension. Key/value heads
+    may instead be fewer than ``tp_size`` if it is a multiple of them: each is then
+    replicated on ``tp_size / num_key_value_heads`` ranks."""
     if tp_size < 1:
         raise ValueError(f"tensor_parallel_size={tp_size} must be >= 1")
-    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        # Encoders (BERT) have no separate key/value head count.
-        value = getattr(hf_config, field, None) or hf_config.num_attention_heads
-        if value % tp_size:
-            raise ValueError(f"tensor_parallel_size={tp_size} must divide {field}={value} "
-                             f"(num_attention_heads={hf_config.num_attention_heads}, "
-                             f"num_key_value_heads="
-                             f"{getattr(hf_config, 'num_key_value_heads', None)})")
+    heads = hf_config.num_attention_heads
+    # Encoders (BERT) have no separate key/value head count.
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    shape = f"(num_attention_heads={heads}, num_key_value_heads={kv_heads})"
+    if heads % tp_size:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide num_attention_heads={heads} "
+                         f"{shape}")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide num_key_value_heads="
+                         f"{kv_heads}, or be a multiple of it (each key/value head is then "
+                         f"replicated) {shape}")
+    for field in ("intermediate_size", "moe_intermediate_size"):
+        value = getattr(hf_config, field, None)
+        if value and value % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} must divide {field}={value}")
 
 
 def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, tp_size: int,

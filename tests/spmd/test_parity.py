@@ -16,7 +16,8 @@ def _generate(llm, prompts, params=GREEDY):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "tied", "llama3_rope"])
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "tied", "llama3_rope", "qwen3",
+                                     "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_greedy_equals_transformers(ray_cluster, tiny_dir, variant, tp):
     path = tiny_dir(variant)
@@ -30,9 +31,10 @@ def test_greedy_equals_transformers(ray_cluster, tiny_dir, variant, tp):
         llm.shutdown()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_preemption_and_prefix_cache_keep_parity(ray_cluster, tiny_dir, tp):
-    path = tiny_dir("llama")
+@pytest.mark.parametrize("variant,tp", [("llama", 1), ("llama", 2), ("qwen3_moe", 1),
+                                        ("qwen3_moe", 2)])
+def test_preemption_and_prefix_cache_keep_parity(ray_cluster, tiny_dir, variant, tp):
+    path = tiny_dir(variant)
     shared = mixed_prompts(1, 256, seed=5, lo=40, hi=41)[0]
     prompts = [shared + p for p in mixed_prompts(8, 256, seed=6, lo=2, hi=20)]
     prompts += mixed_prompts(8, 256, seed=7, lo=30, hi=60)
@@ -52,11 +54,13 @@ def test_preemption_and_prefix_cache_keep_parity(ray_cluster, tiny_dir, tp):
 
 
 def _bytes_for_blocks(path, tp, num_blocks):
+    from workers.layers.linear import kv_heads_per_rank
     from workers.model_loader import load_hf_config
 
     cfg = load_hf_config(path)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    per_block = 2 * 16 * (cfg.num_key_value_heads // tp) * head_dim * 4 * cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_block = 2 * 16 * kv_heads_per_rank(cfg.num_key_value_heads, tp) * head_dim * 4 \
+        * cfg.num_hidden_layers
     return per_block * num_blocks
 
 

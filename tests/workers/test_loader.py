@@ -137,10 +137,16 @@ def test_dummy_llama2_7b_shapes_one_layer(tmp_path):
 def test_validate_tp_names_the_head_counts():
     cfg = tiny_config("llama")  # 4 heads, 2 kv heads
     validate_tp(cfg, 2)
-    with pytest.raises(ValueError, match="tensor_parallel_size=4 must divide num_key_value_heads=2"):
-        validate_tp(cfg, 4)
+    validate_tp(cfg, 4)  # a multiple of the kv heads: each is replicated on 2 ranks
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*num_attention_heads=4"):
         validate_tp(cfg, 3)
+    cfg = tiny_config("llama", num_attention_heads=12, num_key_value_heads=3, hidden_size=48)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 must divide num_key_value_heads=3, "
+                                         "or be a multiple of it"):
+        validate_tp(cfg, 2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=16 must divide moe_intermediate_size=24"):
+        validate_tp(tiny_config("qwen3_moe", num_attention_heads=16, num_key_value_heads=4,
+                                moe_intermediate_size=24, intermediate_size=128), 16)
 
 
 def test_load_model_rejects_bad_tp(llama_bias):

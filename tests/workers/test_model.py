@@ -15,7 +15,8 @@ from workers.model_loader import load_model
 BLOCK_SIZE = 4
 PROMPT_LENS = (5, 9, 3)
 NUM_DECODE_STEPS = 3
-MODEL_VARIANTS = ("llama", "mistral", "qwen2", "tied", "llama3_rope", "llama_bias", "odd_vocab")
+MODEL_VARIANTS = ("llama", "mistral", "qwen2", "tied", "llama3_rope", "llama_bias", "odd_vocab",
+                  "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_top8", "mixtral")
 
 
 def prompts_and_decodes(vocab_size: int, seed: int = 1):
@@ -135,7 +136,8 @@ def _tp_rank_main(rank: int, world: int, port: int, paths: dict, out_dir: str) -
 
 
 def test_tp2_matches_tp1(checkpoints, tmp_path):
-    variants = ("llama", "qwen2", "llama3_rope", "llama_bias", "odd_vocab")
+    variants = ("llama", "qwen2", "llama3_rope", "llama_bias", "odd_vocab", "qwen3", "qwen3_moe",
+                "mixtral")
     paths = {v: checkpoints[v] for v in variants}
     mp.spawn(_tp_rank_main, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -145,4 +147,25 @@ def test_tp2_matches_tp1(checkpoints, tmp_path):
         expected, _ = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
         for step, want in enumerate(expected):
             assert torch.equal(ranks[0][variant][step], ranks[1][variant][step]), (variant, step)
+            torch.testing.assert_close(ranks[0][variant][step], want, atol=1e-4, rtol=1e-4)
+
+
+def test_tp4_replicates_kv_heads(checkpoints, tmp_path):
+    """tp=4 over 2 key/value heads: each head lives on two ranks (as vLLM replicates them),
+    and the logits equal tp=1's; the experts of Qwen3-MoE are sliced four ways."""
+    variants = ("qwen3", "qwen3_moe")
+    paths = {v: checkpoints[v] for v in variants}
+    shard = load_model(paths["qwen3"], "safetensors", torch.float32, 3, 4)
+    assert shard.num_kv_heads == 1 and shard.kv_cache_shape(8, 4)[3] == 1
+    qkv = shard.model.layers[0].self_attn.qkv_proj
+    assert qkv.kv_head_start == 1  # ranks 2 and 3 hold head 1
+    mp.spawn(_tp_rank_main, args=(4, _free_port(), paths, str(tmp_path)), nprocs=4, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    for variant in variants:
+        model = load_model(paths[variant], "safetensors", torch.float32, 0, 1)
+        prompts, decodes = prompts_and_decodes(model.config.vocab_size)
+        expected, _ = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
+        for step, want in enumerate(expected):
+            for rank in ranks[1:]:
+                assert torch.equal(ranks[0][variant][step], rank[variant][step]), (variant, step)
             torch.testing.assert_close(ranks[0][variant][step], want, atol=1e-4, rtol=1e-4)

@@ -121,20 +121,37 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                     narrow_weight(loaded_weight, 0, self.tp_rank * size, size))
 
 
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """Key/value heads each rank holds: a 1/tp share, or one replicated head when tp exceeds
+    the head count (tp must then be a multiple of it, as vLLM requires)."""
+    if tp_size <= num_kv_heads:
+        return _divide(num_kv_heads, tp_size, "num_key_value_heads")
+    assert tp_size % num_kv_heads == 0, (
+        f"tensor_parallel_size={tp_size} must be a multiple of num_key_value_heads={num_kv_heads}")
+    return 1
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection sharded by heads: this rank holds its query heads
-    followed by its key heads and its value heads. tp must divide both head counts."""
+    followed by its key heads and its value heads. tp must divide the query heads and
+    divide, or be a multiple of, the key/value heads; in the latter case each key/value
+    head is replicated on ``tp / num_kv_heads`` consecutive ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, tp_rank: int | None = None, tp_size: int | None = None,
                  dtype: torch.dtype | None = None):
         tp = parallel_state.tp_size() if tp_size is None else tp_size
+        rank = parallel_state.tp_rank() if tp_rank is None else tp_rank
         self.num_heads = _divide(num_heads, tp, "num_attention_heads")
-        self.num_kv_heads = _divide(num_kv_heads, tp, "num_key_value_heads")
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp)
+        # Index, in the checkpoint, of this rank's first key/value head.
+        self.kv_head_start = (rank * self.num_kv_heads if tp <= num_kv_heads
+                              else rank // (tp // num_kv_heads))
         self.head_dim = head_dim
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp_rank, tp, dtype)
+        super().__init__(hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp,
+                         bias, rank, tp, dtype)
 
     def lora_slices(self) -> list[int]:
         return [self.q_size, self.kv_size, self.kv_size]
@@ -144,8 +161,8 @@ class QKVParallelLinear(ColumnParallelLinear):
                    "v": (self.q_size + self.kv_size, self.kv_size)}
         assert shard_id in offsets, f"qkv shard_id must be 'q', 'k' or 'v', got {shard_id!r}"
         offset, size = offsets[shard_id]
-        copy_weight(param.data.narrow(0, offset, size),
-                    narrow_weight(loaded_weight, 0, self.tp_rank * size, size))
+        start = self.tp_rank * size if shard_id == "q" else self.kv_head_start * self.head_dim
+        copy_weight(param.data.narrow(0, offset, size), narrow_weight(loaded_weight, 0, start, size))
 
 
 class RowParallelLinear(_ParallelLinear):

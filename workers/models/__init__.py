@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from workers.models.bert import BertModel, RobertaModel
 from workers.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from workers.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
+from workers.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     # Encoders (embeddings only); task heads are skipped when their checkpoints load.
     "BertModel": BertModel,
     "BertForMaskedLM": BertModel,
@@ -21,6 +26,8 @@ MODEL_REGISTRY = {
 
 # GGUF-derived configs carry model_type but no architectures.
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "mixtral": "MixtralForCausalLM",
                 "bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 
 

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) with tensor parallelism.
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) with tensor parallelism; the
+base of Qwen3 and the mixtures of experts (``workers.models.qwen3``, ``.mixtral``).
 
 Attention heads, MLP columns and the vocabulary are sharded over the TP group;
 ``o_proj`` and ``down_proj`` all-reduce. Mistral's sliding window is not
@@ -17,7 +18,7 @@ from workers.attention import Attention, AttentionMetadata
 from workers.layers.activation import SiluAndMul
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
-                                   RowParallelLinear, default_weight_loader)
+                                   RowParallelLinear, default_weight_loader, kv_heads_per_rank)
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 
@@ -53,8 +54,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    """``qk_norm``: per-head RMSNorm of queries and keys before RoPE (Qwen3)."""
+
     def __init__(self, cfg, head_dim: int, rotary_emb: RotaryEmbedding, qkv_bias: bool,
-                 o_bias: bool, tp_rank: int, tp_size: int, dtype: torch.dtype):
+                 o_bias: bool, tp_rank: int, tp_size: int, dtype: torch.dtype,
+                 qk_norm: bool = False):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, head_dim, cfg.num_attention_heads,
                                           cfg.num_key_value_heads, qkv_bias, tp_rank, tp_size, dtype)
@@ -64,22 +68,29 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim ** -0.5,
                               self.qkv_proj.num_kv_heads)
+        self.head_dim = head_dim
+        self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, lora=None) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden, lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            tokens = q.shape[0]
+            q = self.q_norm(q.reshape(tokens, -1, self.head_dim)).reshape(tokens, self.q_size)
+            k = self.k_norm(k.reshape(tokens, -1, self.head_dim)).reshape(tokens, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta), lora)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg, head_dim: int, rotary_emb: RotaryEmbedding, qkv_bias: bool,
-                 o_bias: bool, tp_rank: int, tp_size: int, dtype: torch.dtype):
+                 o_bias: bool, tp_rank: int, tp_size: int, dtype: torch.dtype,
+                 mlp: nn.Module, qk_norm: bool = False):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, head_dim, rotary_emb, qkv_bias, o_bias,
-                                        tp_rank, tp_size, dtype)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "mlp_bias", False),
-                            tp_rank, tp_size, dtype)
+                                        tp_rank, tp_size, dtype, qk_norm)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -96,16 +107,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """``make_mlp(layer_index)`` builds each layer's MLP (dense or mixture of experts)."""
+
     def __init__(self, cfg, qkv_bias: bool, o_bias: bool, tp_rank: int, tp_size: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, make_mlp, qk_norm: bool = False):
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         base, rope_scaling = rope_config(cfg)
         rotary_emb = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, base, rope_scaling, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, self.head_dim, rotary_emb, qkv_bias, o_bias, tp_rank, tp_size, dtype)
-            for _ in range(cfg.num_hidden_layers))
+            LlamaDecoderLayer(cfg, self.head_dim, rotary_emb, qkv_bias, o_bias, tp_rank, tp_size,
+                              dtype, make_mlp(i), qk_norm)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids, positions, meta, kv_caches, lora=None):
@@ -126,6 +140,7 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
                       ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+    qk_norm = False  # per-head RMSNorm of q and k (Qwen3)
 
     def __init__(self, hf_config, tp_rank: int = 0, tp_size: int = 1,
                  dtype: torch.dtype = torch.float32):
@@ -133,15 +148,23 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.tp_rank, self.tp_size, self.dtype = tp_rank, tp_size, dtype
         qkv_bias, o_bias = self.attention_biases(hf_config)
-        self.model = LlamaModel(hf_config, qkv_bias, o_bias, tp_rank, tp_size, dtype)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, tp_rank, tp_size, dtype,
+                                lambda i: self.make_mlp(hf_config, i, tp_rank, tp_size, dtype),
+                                self.qk_norm)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size, dtype)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.num_layers = hf_config.num_hidden_layers
-        self.num_kv_heads = hf_config.num_key_value_heads // tp_size
+        self.num_kv_heads = kv_heads_per_rank(hf_config.num_key_value_heads, tp_size)
         self.head_dim = self.model.head_dim
         self.sliding_window = self.window(hf_config)
+
+    @staticmethod
+    def make_mlp(cfg, layer_index: int, tp_rank: int, tp_size: int, dtype: torch.dtype) -> nn.Module:
+        """Layer ``layer_index``'s MLP: dense here; a mixture of experts in subclasses."""
+        return LlamaMLP(cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "mlp_bias", False),
+                        tp_rank, tp_size, dtype)
 
     @staticmethod
     def attention_biases(cfg) -> tuple[bool, bool]:
@@ -173,35 +196,35 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
         """Loads HF-named tensors (or lazy safetensors slices); each parameter takes its shard."""
         params = dict(self.named_parameters())
-        expected = {self._checkpoint_name(name, fused, part)
-                    for name in params
-                    for fused, part in self._parts(name)}
-        loaded: set[str] = set()
+        loaded: dict[str, set] = {}
         for name, weight in weights:
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            param_name, shard_id = name, None
-            for fused, part, shard in self.stacked_params:
-                if f".{part}." in name:
-                    param_name, shard_id = name.replace(f".{part}.", f".{fused}."), shard
-                    break
+            param_name, shard_id = self.map_weight_name(name)
             if param_name not in params:
                 raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
             param = params[param_name]
             getattr(param, "weight_loader", default_weight_loader)(param, weight, shard_id)
-            loaded.add(name)
-        missing = sorted(expected - loaded)
+            loaded.setdefault(param_name, set()).add(shard_id)
+        missing = sorted(name for name in params
+                         if not any(pieces <= loaded.get(name, set())
+                                    for pieces in self.weight_pieces(name)))
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+            raise ValueError(f"checkpoint lacks weights of {len(missing)} parameters, "
+                             f"e.g. {missing[:3]}")
 
-    def _parts(self, param_name: str) -> list[tuple[str | None, str | None]]:
-        """The (fused, checkpoint part) pairs that fill a parameter; [(None, None)] if unfused."""
-        parts = [(fused, part) for fused, part, _ in self.stacked_params if f".{fused}." in param_name]
-        return parts or [(None, None)]
+    def map_weight_name(self, name: str) -> tuple[str, object]:
+        """``(parameter name, shard id)`` of a checkpoint tensor (shard id None: the whole
+        parameter)."""
+        for fused, part, shard in self.stacked_params:
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), shard
+        return name, None
 
-    @staticmethod
-    def _checkpoint_name(param_name: str, fused: str | None, part: str | None) -> str:
-        return param_name if fused is None else param_name.replace(f".{fused}.", f".{part}.")
+    def weight_pieces(self, param_name: str) -> list[set]:
+        """The sets of shard ids, any one of which fills a parameter."""
+        shards = {shard for fused, _, shard in self.stacked_params if f".{fused}." in param_name}
+        return [shards or {None}]
 
 
 class MistralForCausalLM(LlamaForCausalLM):

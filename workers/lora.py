@@ -56,6 +56,21 @@ def module_shapes(hf_config) -> dict[str, tuple[int, int]]:
             "down_proj": (inter, hidden)}
 
 
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mixture_of_experts_layers(hf_config) -> set[int]:
+    """Indices of the layers whose MLP is a mixture of experts (Qwen3-MoE, Mixtral)."""
+    layers = range(hf_config.num_hidden_layers)
+    if getattr(hf_config, "num_local_experts", 0):  # Mixtral: every layer
+        return set(layers)
+    if getattr(hf_config, "num_experts", 0):  # Qwen3-MoE: every decoder_sparse_step-th
+        dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+        step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+        return {i for i in layers if i not in dense and (i + 1) % step == 0}
+    return set()
+
+
 def read_adapter_config(path: str, name: str = "") -> AdapterConfig:
     label = f"adapter {name!r}" if name else "adapter"
     config_path = os.path.join(path, CONFIG_FILE)
@@ -106,6 +121,7 @@ def read_adapter_weights(path: str, hf_config, max_lora_rank: int, name: str = "
         raise ValueError(f"lora_path: {label}: {WEIGHTS_FILE} cannot be read ({e})") from None
     shapes = module_shapes(hf_config)
     num_layers = hf_config.num_hidden_layers
+    moe_layers = mixture_of_experts_layers(hf_config)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -118,6 +134,9 @@ def read_adapter_weights(path: str, hf_config, max_lora_rank: int, name: str = "
                              f"(supported: {', '.join(TARGETS)})")
         if layer >= num_layers:
             raise ValueError(f"{label}: {key}: layer {layer}, but the model has {num_layers}")
+        if module in _MLP_TARGETS and layer in moe_layers:
+            raise ValueError(f"{label}: {key}: layer {layer}'s MLP is a mixture of experts; "
+                             f"LoRA on experts is not supported (attention modules are)")
         parts.setdefault((layer, module), {})[which] = tensor
     if not parts:
         raise ValueError(f"{label}: {WEIGHTS_FILE} holds no LoRA weights")
@@ -205,7 +224,10 @@ class RankLoRA:
         size = stack.slice_sizes[index]  # B split on the output, as the weight is
         lo, hi = stack.slice_offsets[index], stack.slice_offsets[index + 1]
         a_out[index * self.max_rank:index * self.max_rank + r] = a
-        b_out[:r, lo:hi] = b[tp_rank * size:(tp_rank + 1) * size].t()
+        start = tp_rank * size
+        if index > 0 and hasattr(layer, "kv_head_start"):  # k/v: possibly replicated heads
+            start = layer.kv_head_start * layer.head_dim
+        b_out[:r, lo:hi] = b[start:start + size].t()
 
     def unload(self, lora_id: int) -> bool:
         self.slot_of.pop(lora_id, None)

@@ -283,3 +283,33 @@ def test_removing_an_adapter_in_use_is_refused_and_breaks_nothing(llm, loras, pr
     assert loras[3].lora_int_id not in [r.lora_int_id for r in engine.list_loras()]
     assert loras[3].lora_int_id not in engine.call_all("lora_slots")[0]
     assert not engine.remove_lora(loras[3].lora_int_id)
+
+
+def test_qwen3_moe_adapters_on_attention_and_dense_layers(tiny_dir, tmp_path, ray_cluster):
+    """On Qwen3-MoE an attention adapter at tp=2 equals transformers + PEFT. An adapter
+    for an expert layer's MLP is a clear error before any rank loads it."""
+    from safetensors.torch import load_file, save_file
+
+    from workers.lora import check_adapter
+    from workers.model_loader import load_hf_config
+
+    base = tiny_dir("qwen3_moe")
+    adapter = build_adapter(tmp_path, base, seed=5, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                    "o_proj"])
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+    want = [peft_greedy(base, a, prompt, MAX_TOKENS) for a in (None, adapter)]
+    assert want[0] != want[1]
+    with LLM(base, tensor_parallel_size=2, enable_lora=True, max_loras=1, max_lora_rank=8,
+             skip_tokenizer_init=True) as tp2:
+        outs = tp2.generate([prompt] * 2, GREEDY, use_tqdm=False,
+                            lora_request=[None, LoRARequest("qwen3-moe", 1, adapter)])
+        assert _tokens(outs) == want
+    bad = os.path.join(tmp_path, "expert-lora")
+    shutil.copytree(adapter, bad)
+    weights = os.path.join(bad, "adapter_model.safetensors")
+    # q_proj's A [r, 64] and B [128, r] have gate_proj's shapes (intermediate 128).
+    tensors = load_file(weights)
+    save_file({k.replace("layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"): v
+               for k, v in tensors.items()}, weights)
+    with pytest.raises(ValueError, match="layer 0's MLP is a mixture of experts"):
+        check_adapter(bad, load_hf_config(base), 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_missing_weight_is_an_error(tmp_path, llama_bias):
     save_file(state, tmp_path / "model.safetensors")
     with open(os.path.join(llama_bias, "config.json")) as f:
         (tmp_path / "config.json").write_text(json.dumps(json.load(f)))
-    with pytest.raises(ValueError, match="lacks 1 weights"):
+    with pytest.raises(ValueError, match=r"lacks 1 weights, e.g. \['model.layers.1.mlp.up_proj.weight'\]"):
         load_model(str(tmp_path), "auto", torch.float32, 0, 1)
 
 
@@ -217,3 +218,41 @@ def test_gguf_smollm2_matches_transformers(smollm2_hf):
         want = smollm2_hf(torch.tensor([prompt])).logits[:, -1].float()
     torch.testing.assert_close(logits[0], want, atol=1e-3, rtol=1e-3)
     assert logits[0].argmax(-1).item() == want.argmax(-1).item()
+
+
+def test_moe_checkpoints_load_per_expert_or_fused_and_name_a_missing_expert(tiny_dir, tmp_path):
+    """Mixtral's per-expert w1/w3/w2 and transformers 5's fused gate_up_proj/down_proj load
+    the same weights (at tp=2, each rank's slice); a missing expert tensor is named."""
+    from safetensors.torch import load_file, save_file
+
+    path = tiny_dir("mixtral")
+    per_expert = load_file(os.path.join(path, "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in per_expert
+    fused = {k: v for k, v in per_expert.items() if ".experts." not in k}
+    for layer in range(2):
+        pre = f"model.layers.{layer}.block_sparse_moe"
+        fused[f"model.layers.{layer}.mlp.gate.weight"] = fused.pop(f"{pre}.gate.weight")
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[f"{pre}.experts.{e}.w1.weight"],
+                        per_expert[f"{pre}.experts.{e}.w3.weight"]]) for e in range(4)])
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [per_expert[f"{pre}.experts.{e}.w2.weight"] for e in range(4)])
+    (tmp_path / "fused").mkdir()
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    shutil.copy(os.path.join(path, "config.json"), tmp_path / "fused")
+    for rank in range(2):
+        a = load_model(path, "auto", torch.float32, rank, 2).state_dict()
+        b = load_model(str(tmp_path / "fused"), "auto", torch.float32, rank, 2).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    experts = a["model.layers.0.mlp.experts.gate_up_proj"]
+    assert experts.shape == (4, 2 * 64 // 2, 64)  # rank 1: half of each expert's gate and up
+    want = per_expert["model.layers.0.block_sparse_moe.experts.2.w3.weight"][32:]
+    assert torch.equal(experts[2, 32:], want)
+    del per_expert["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    (tmp_path / "missing").mkdir()
+    save_file(per_expert, tmp_path / "missing" / "model.safetensors")
+    shutil.copy(os.path.join(path, "config.json"), tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"lacks 1 weights, e.g. \['model.layers.1.mlp.experts.2"
+                                         r".up_proj.weight'\]"):
+        load_model(str(tmp_path / "missing"), "auto", torch.float32, 0, 1)

@@ -206,12 +206,14 @@ class LlamaForCausalLM(nn.Module):
             param = params[param_name]
             getattr(param, "weight_loader", default_weight_loader)(param, weight, shard_id)
             loaded.setdefault(param_name, set()).add(shard_id)
-        missing = sorted(name for name in params
-                         if not any(pieces <= loaded.get(name, set())
-                                    for pieces in self.weight_pieces(name)))
+        missing = []
+        for name in params:
+            have = loaded.get(name, set())
+            ways = self.weight_pieces(name)
+            if not any(set(pieces) <= have for pieces in ways):
+                missing += [ckpt for shard, ckpt in ways[-1].items() if shard not in have]
         if missing:
-            raise ValueError(f"checkpoint lacks weights of {len(missing)} parameters, "
-                             f"e.g. {missing[:3]}")
+            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
 
     def map_weight_name(self, name: str) -> tuple[str, object]:
         """``(parameter name, shard id)`` of a checkpoint tensor (shard id None: the whole
@@ -221,10 +223,12 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(f".{part}.", f".{fused}."), shard
         return name, None
 
-    def weight_pieces(self, param_name: str) -> list[set]:
-        """The sets of shard ids, any one of which fills a parameter."""
-        shards = {shard for fused, _, shard in self.stacked_params if f".{fused}." in param_name}
-        return [shards or {None}]
+    def weight_pieces(self, param_name: str) -> list[dict]:
+        """The ways to fill a parameter, each ``{shard id: checkpoint name}``: any one
+        complete way loads it (the last is named when none is)."""
+        pieces = {shard: param_name.replace(f".{fused}.", f".{part}.")
+                  for fused, part, shard in self.stacked_params if f".{fused}." in param_name}
+        return [pieces or {None: param_name}]
 
 
 class MistralForCausalLM(LlamaForCausalLM):

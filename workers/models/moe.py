@@ -36,12 +36,14 @@ class _MoEMixin:
             return name, None
         return super().map_weight_name(name)
 
-    def weight_pieces(self, param_name: str) -> list[set]:
-        if param_name.endswith(".experts.gate_up_proj") or param_name.endswith(".experts.down_proj"):
-            parts = (DOWN,) if param_name.endswith("down_proj") else (GATE, UP)
-            experts = self.config.num_experts if hasattr(self.config, "num_experts") \
-                else self.config.num_local_experts
-            return [{None}, {(e, p) for e in range(experts) for p in parts}]
+    def weight_pieces(self, param_name: str) -> list[dict]:
+        for fused, parts in (("gate_up_proj", (GATE, UP)), ("down_proj", (DOWN,))):
+            if param_name.endswith(f".experts.{fused}"):
+                cfg = self.config
+                experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+                prefix = param_name[:-len(fused)]
+                return [{None: param_name},
+                        {(e, p): f"{prefix}{e}.{p}_proj.weight" for e in range(experts) for p in parts}]
         return super().weight_pieces(param_name)
 
 

@@ -57,6 +57,7 @@ class GPUMixin:
         self.init_thread()
         import workers.triton_ops  # noqa: F401  (registers the CUDA kernels of the spmd ops)
         import workers.triton_varlen  # noqa: F401  (and of spmd::varlen_attention)
+        import workers.triton_moe  # noqa: F401  (and of spmd::fused_moe)
 
         cfg = self.config
         if cfg.tp_size > 1:

@@ -1,6 +1,7 @@
-"""Checks and times the Triton kernels of ``workers.triton_ops`` on one GPU.
+"""Checks and times the Triton kernels of ``workers.triton_ops`` and ``triton_moe`` on one GPU.
 
     python -m bench.check_kernels [--dtypes bfloat16,float32] [--skip-bandwidth]
+                                  [--skip-fp8] [--skip-moe]
 
 For each op, in each dtype, at Llama-2-7B sizes (hidden 4096, 32 heads of 128, 32 or
 8 kv heads): fresh random inputs, the CUDA kernel against the reference op run in
@@ -13,6 +14,11 @@ Then the FP8 KV cache (``--skip-fp8`` to leave it out): the CUDA write kernel ag
 the CPU reference quantizer (same e4m3 bytes and scales), decode and mixed attention of
 bf16 queries over an FP8 cache against the float64 reference on the dequantized cache,
 and decode over FP8 next to bf16 at batch 256 (time, and bytes read per second).
+Then ``fused_moe`` in bf16 (``--skip-moe`` to leave it out) at Qwen3-30B-A3B and
+Mixtral-8x7B sizes for 1 to 2048 tokens: against the float64 CPU op up to 256 tokens,
+the median time next to the eager reference body, the bytes moved per second (the
+weights of the experts hit, x, the output and the kernels' intermediates) and TFLOP/s;
+decode batches are also captured in a CUDA graph and replayed on a new routing.
 Prints one table and one JSON line; exits nonzero if any check fails.
 """
 
@@ -33,6 +39,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # opcheck's schema, autograd-registration and fake-tensor checks; not
 # test_aot_dispatch_dynamic: these are inference ops with no autograd formula.
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+# fused_moe: (model, hidden, moe_intermediate_size, experts, top_k), in bf16.
+MOE_SHAPES = (("Qwen3-30B-A3B", 2048, 768, 128, 8), ("Mixtral-8x7B", 4096, 14336, 8, 2))
+MOE_TOKENS = (1, 16, 64, 256, 2048)
+MOE_MAX_CHECKED_TOKENS = 256  # larger batches are timed only (the float64 CPU op is slow)
+MOE_MAX_GRAPH_TOKENS = 16  # decode batches: also captured in a CUDA graph
 
 
 @dataclass
@@ -301,16 +312,86 @@ def _fp8_checks() -> tuple[list[dict], list[str]]:
     return rows, failures
 
 
+def _moe_checks() -> tuple[list[dict], list[str]]:
+    dtype = torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    rows, failures = [], []
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    def routing(tokens, experts, top_k):
+        logits = torch.randn(tokens, experts, generator=gen, device="cuda")
+        return ops.moe_routing(logits, top_k, renormalize=True)
+
+    small = (randn(5, 256), randn(8, 128, 256), randn(8, 256, 64), *routing(5, 8, 2))
+    try:
+        torch.library.opcheck(torch.ops.spmd.fused_moe, small, test_utils=OPCHECK_UTILS)
+    except Exception as exc:  # noqa: BLE001 (report it with the rest)
+        failures.append(f"opcheck fused_moe: {exc}")
+    for model, hidden, inter, experts, top_k in MOE_SHAPES:
+        w13 = randn(experts, 2 * inter, hidden, scale=hidden**-0.5)
+        w2 = randn(experts, hidden, inter, scale=inter**-0.5)
+        w13_64, w2_64 = w13.cpu().double(), w2.cpu().double()  # the reference's (GBs, once)
+        for tokens in MOE_TOKENS:
+            x, (weights, ids) = randn(tokens, hidden), routing(tokens, experts, top_k)
+            args = (x, w13, w2, weights, ids)
+            pairs = tokens * top_k
+            err, ok, graph_ok = None, True, None
+            if tokens <= MOE_MAX_CHECKED_TOKENS:
+                _poison_next_alloc(((tokens, hidden), dtype), ((pairs, inter), dtype),
+                                   ((pairs, hidden), torch.float32))
+                ref = torch.ops.spmd.fused_moe(x.cpu().double(), w13_64, w2_64, weights.cpu(),
+                                               ids.cpu())
+                err = _rel_err(torch.ops.spmd.fused_moe(*args), ref)
+                ok = err <= TOLERANCE[dtype]
+            if tokens <= MOE_MAX_GRAPH_TOKENS:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    torch.ops.spmd.fused_moe(*args)  # compiles outside the capture
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    graph_out = torch.ops.spmd.fused_moe(*args)
+                # New inputs, in place: the replay reads them.
+                for buffer, new in zip((x, weights, ids),
+                                       (randn(tokens, hidden), *routing(tokens, experts, top_k))):
+                    buffer.copy_(new)
+                graph.replay()
+                graph_ok = torch.equal(graph_out, torch.ops.spmd.fused_moe(*args))
+                del graph
+            kernel_us = _bench_us(lambda: torch.ops.spmd.fused_moe(*args))
+            torch_us = _bench_us(lambda: ops._fused_moe_ref(*args))
+            hit = int(torch.unique(ids).numel())
+            moved = (hit * 3 * hidden * inter + 2 * tokens * hidden + 2 * pairs * inter) * 2
+            moved += 2 * pairs * hidden * 4  # the float32 per-pair outputs, written and summed
+            rows.append(dict(model=model, tokens=tokens, experts_hit=hit, rel_err=err,
+                             kernel_us=kernel_us, torch_us=torch_us,
+                             GB_per_s=moved / kernel_us / 1e3,
+                             TFLOP_per_s=2 * pairs * 3 * hidden * inter / kernel_us / 1e6,
+                             cuda_graph=graph_ok, ok=ok and graph_ok is not False))
+            if not ok:
+                failures.append(f"fused_moe {model} T{tokens}: rel err {err:.2e}")
+            if graph_ok is False:
+                failures.append(f"fused_moe {model} T{tokens}: CUDA graph replay differs")
+        del w13, w2, w13_64, w2_64
+        torch.cuda.empty_cache()
+    return rows, failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--skip-bandwidth", action="store_true")
     parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--skip-moe", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("check_kernels needs a CUDA GPU", file=sys.stderr)
         return 2
-    import workers.triton_ops  # noqa: F401  (registers the CUDA kernels)
+    import workers.triton_moe  # noqa: F401  (registers the CUDA kernels)
+    import workers.triton_ops  # noqa: F401
 
     results, failures = [], []
     for dtype_name in args.dtypes.split(","):
@@ -352,11 +433,24 @@ def main(argv: list[str] | None = None) -> int:
         for row in fp8_rows:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items()))
+    moe_rows = []
+    if not args.skip_moe:
+        moe_rows, moe_failures = _moe_checks()
+        failures += moe_failures
+        print(f"\n{'fused_moe bf16':16s} {'tokens':>6s} {'experts':>7s} {'rel err':>9s} "
+              f"{'µs kernel':>10s} {'µs torch':>10s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+              f"{'graph':>6s}  ok")
+        for r in moe_rows:
+            err = "-" if r["rel_err"] is None else f"{r['rel_err']:.2e}"
+            graph = {None: "-", True: "ok", False: "FAIL"}[r["cuda_graph"]]
+            print(f"{r['model']:16s} {r['tokens']:6d} {r['experts_hit']:7d} {err:>9s} "
+                  f"{r['kernel_us']:10.1f} {r['torch_us']:10.1f} {r['GB_per_s']:7.0f} "
+                  f"{r['TFLOP_per_s']:8.1f} {graph:>6s}  {'ok' if r['ok'] else 'FAIL'}")
     for failure in failures:
         print("FAIL", failure)
     print(json.dumps({"device": torch.cuda.get_device_name(),
                       "results": [r.__dict__ for r in results], "decode_bandwidth": bandwidth,
-                      "fp8": fp8_rows, "failures": failures}))
+                      "fp8": fp8_rows, "fused_moe": moe_rows, "failures": failures}))
     return 1 if failures else 0
 
 

@@ -44,7 +44,37 @@ def load_hf_config(model: str):
     folder, gguf_file = resolve_model_path(model)
     if gguf_file is None:
         return AutoConfig.from_pretrained(folder)
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    _complete_gguf_config(hf_config, os.path.join(folder, gguf_file))
+    return hf_config
+
+
+# GGUF keys transformers' config mapping drops (per GGUF architecture), leaving class
+# defaults that fit only some checkpoints (Qwen3 head_dim 128, Qwen3-MoE expert width 768).
+_GGUF_KEYS_TRANSFORMERS_DROPS = {
+    "qwen3": {"attention.key_length": "head_dim"},
+    "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
+
+def _complete_gguf_config(hf_config, path: str) -> None:
+    """Fills the fields transformers leaves at defaults from the GGUF metadata, and refuses a
+    file with experts that transformers reads as a dense model: llama.cpp stores Mixtral as
+    a ``llama`` file with ``ffn_*_exps`` tensors, which transformers silently drops."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    for key, attr in _GGUF_KEYS_TRANSFORMERS_DROPS.get(arch, {}).items():
+        if f"{arch}.{key}" in fields:
+            setattr(hf_config, attr, int(fields[f"{arch}.{key}"].contents()))
+    experts = fields[f"{arch}.expert_count"].contents() if f"{arch}.expert_count" in fields else 0
+    if experts and not (getattr(hf_config, "num_experts", None)
+                        or getattr(hf_config, "num_local_experts", None)):
+        raise ValueError(f"model: GGUF file {path!r} (architecture {arch!r}) has "
+                         f"{experts} experts per layer, but transformers reads it as a "
+                         f"dense {hf_config.model_type!r} model without them (llama.cpp stores "
+                         f"Mixtral this way); load the Hugging Face safetensors checkpoint instead")
 
 
 def validate_tp(hf_config, tp_size: int) -> None:

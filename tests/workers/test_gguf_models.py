@@ -1,0 +1,86 @@
+"""GGUF Qwen3 and Qwen3-MoE checkpoints (written from the tiny safetensors ones by
+``tests/gguf_writer.py``) against transformers on the safetensors originals.
+
+transformers 5.25 reads GGUF ``qwen3`` and ``qwen3moe`` files but leaves Qwen3's
+``head_dim`` and Qwen3-MoE's ``moe_intermediate_size`` at class defaults (128, 768);
+``load_hf_config`` fills them from the file. It reads llama.cpp's Mixtral (a ``llama`` file
+with expert tensors) as a dense Llama without its MLPs, so that file is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from gguf_writer import write_gguf
+from test_model import hf_last_logits, prefill_then_decode, prompts_and_decodes, run_schedule
+from workers.model_loader import load_hf_config, load_model
+from workers.models import (MixtralForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM,
+                            get_model_class)
+
+# The qwen3_moe variant minus its dense layer: GGUF (llama.cpp) has no mlp_only_layers.
+VARIANTS = {"qwen3": ({}, Qwen3ForCausalLM),
+            "qwen3_moe": ({"mlp_only_layers": None}, Qwen3MoeForCausalLM)}
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+                 "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+                 "moe_intermediate_size", "norm_topk_prob", "mlp_only_layers")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dir, tmp_path_factory):
+    """``{variant: (safetensors folder, gguf file)}``."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for variant, (overrides, _) in VARIANTS.items():
+        folder = tiny_dir(variant, **overrides)
+        out[variant] = folder, write_gguf(folder, str(root / f"{variant}.gguf"))
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_config_matches_the_checkpoint(checkpoints, variant):
+    folder, gguf_path = checkpoints[variant]
+    want, got = load_hf_config(folder), load_hf_config(gguf_path)
+    assert get_model_class(got) is VARIANTS[variant][1]
+    for field in CONFIG_FIELDS:
+        assert getattr(got, field, None) == getattr(want, field, None), field
+    assert got.rms_norm_eps == pytest.approx(want.rms_norm_eps)
+    assert got.rope_parameters["rope_theta"] == want.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_logits_match_transformers_on_safetensors(checkpoints, variant):
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf_path = checkpoints[variant]
+    model = load_model(gguf_path, "auto", torch.float32, 0, 1)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts, decodes = prompts_and_decodes(hf_model.config.vocab_size)
+    logits, contexts = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
+    for step_logits, step_contexts in zip(logits, contexts, strict=True):
+        torch.testing.assert_close(step_logits, hf_last_logits(hf_model, step_contexts),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_gguf_tp2_shard_equals_safetensors_shard(checkpoints, variant, tp_rank):
+    folder, gguf_path = checkpoints[variant]
+    want = load_model(folder, "auto", torch.float32, tp_rank, 2).state_dict()
+    got = load_model(gguf_path, "auto", torch.float32, tp_rank, 2).state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_gguf_mixtral_is_refused_because_transformers_reads_it_dense(tiny_dir, tmp_path):
+    gguf_path = write_gguf(tiny_dir("mixtral"), str(tmp_path / "mixtral.gguf"))
+    dense = AutoConfig.from_pretrained(str(tmp_path), gguf_file="mixtral.gguf")
+    assert dense.model_type == "llama" and getattr(dense, "num_local_experts", None) is None
+    assert MixtralForCausalLM is not get_model_class(dense)
+    with pytest.raises(ValueError, match=r"architecture 'llama'\) has 4 experts per layer"):
+        load_hf_config(gguf_path)
+    with pytest.raises(ValueError, match="safetensors checkpoint instead"):
+        load_model(gguf_path, "auto", torch.float32, 0, 1)

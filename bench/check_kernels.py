@@ -386,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bandwidth", action="store_true")
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--skip-moe", action="store_true")
+    parser.add_argument("--only-moe", action="store_true", help="the fused_moe section alone")
     args = parser.parse_args(argv)
+    if args.only_moe:
+        args.dtypes, args.skip_bandwidth, args.skip_fp8, args.skip_moe = "", True, True, False
     if not torch.cuda.is_available():
         print("check_kernels needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     import workers.triton_ops  # noqa: F401
 
     results, failures = [], []
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in filter(None, args.dtypes.split(",")):
         dtype = getattr(torch, dtype_name)
         gen = torch.Generator(device="cuda").manual_seed(0)
         for name, shape, case_args, poison in _cases(dtype, gen):
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     failures += [f"{r.op} {r.dtype} {r.shape}: rel err {r.rel_err:.2e} {r.note}"
                  for r in results if not r.ok]
-    failures += _opchecks()
+    failures += _opchecks() if not args.only_moe else []
     bandwidth = []
     if not args.skip_bandwidth:
         for num_kv_heads in (32, 8):

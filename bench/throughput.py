@@ -130,6 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--mixed", action="store_true",
                    help="input length and max_tokens each uniform in %d..%d per request" % MIXED_RANGE)
+    p.add_argument("--nano-vllm", action="store_true",
+                   help="nano-vllm's benchmark workload (its bench.py): Python's random seeded "
+                        "with --seed, token ids uniform in 0..10000, each input length and then "
+                        "each max_tokens uniform in 100..1024 (with --num-prompts 256: the "
+                        "figure people quote)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--device", default="auto", help="auto (cuda where a GPU is visible, else cpu) "
                    "| cpu | cuda | spyre | tpu | tpu-emulated (hf: a torch device)")
@@ -210,8 +215,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_workload(args, vocab_size: int) -> Workload:
     """Seeded random prompts drawn from the whole vocabulary."""
-    rng = np.random.default_rng(args.seed)
     n = args.num_prompts
+    if getattr(args, "nano_vllm", False):
+        import random
+
+        py = random.Random(args.seed)
+        prompts = [[py.randint(0, 10000) for _ in range(py.randint(100, 1024))] for _ in range(n)]
+        return Workload(prompts, [py.randint(100, 1024) for _ in range(n)])
+    rng = np.random.default_rng(args.seed)
     if args.mixed:
         lo, hi = MIXED_RANGE
         input_lens = rng.integers(lo, hi + 1, n)
@@ -609,8 +620,9 @@ def main(argv=None) -> dict:
         results[0], backends=args.backends, devices=args.devices,
         warmup_shapes=args.warmup_shapes, compile_backend=args.compile_backend, tp=args.tp, model=args.model, load_format=args.load_format,
         dtype=_dtype_name(args.dtype, args.device), num_prompts=args.num_prompts,
-        input_len=None if args.mixed else args.input_len,
-        output_len=None if args.mixed else args.output_len, mixed=args.mixed,
+        input_len=None if args.mixed or args.nano_vllm else args.input_len,
+        output_len=None if args.mixed or args.nano_vllm else args.output_len, mixed=args.mixed,
+        nano_vllm=args.nano_vllm or None,
         num_prompt_tokens=workload.num_prompt_tokens, num_output_tokens=workload.num_output_tokens,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads_per_rank=args.num_threads_per_rank or None,

@@ -6,6 +6,7 @@ then only compile what parsed."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, fields
 
@@ -76,8 +77,6 @@ class StructuredOutputsParams:
 def guided_spec(params: StructuredOutputsParams, end_token_ids: list[int]) -> GuidedSpec:
     """The ranks' form of ``params``, after checking that it parses; ``end_token_ids``:
     the tokens that may end the output."""
-    import xgrammar as xgr
-
     end = sorted(end_token_ids)
     if params.json_object:
         return GuidedSpec("json_object", "", end)
@@ -87,11 +86,11 @@ def guided_spec(params: StructuredOutputsParams, end_token_ids: list[int]) -> Gu
                             and getattr(params, f.name) is not None)
     if params.json is not None:
         text = _schema_text(params.json, where)
-        _parse(where, lambda: xgr.Grammar.from_json_schema(text, any_whitespace=False))
+        _parse(where, "json", text)
         return GuidedSpec("json", text, end)
     if params.regex is not None:
         regex = _text(where, params.regex)
-        _parse(where, lambda: xgr.Grammar.from_regex(regex))
+        _parse(where, "regex", regex)
         return GuidedSpec("regex", regex, end)
     if params.choice is not None:
         choice = params.choice
@@ -100,14 +99,14 @@ def guided_spec(params: StructuredOutputsParams, end_token_ids: list[int]) -> Gu
             raise ValueError(f"{where}: must be a non-empty list of non-empty strings")
         grammar = "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choice)
         _text(where, grammar)
-        _parse(where, lambda: xgr.Grammar.from_ebnf(grammar))
+        _parse(where, "grammar", grammar)
         return GuidedSpec("grammar", grammar, end)
     if params.grammar is not None:
         grammar = _text(where, params.grammar)
-        _parse(where, lambda: xgr.Grammar.from_ebnf(grammar))
+        _parse(where, "grammar", grammar)
         return GuidedSpec("grammar", grammar, end)
     tag = _text(where, params.structural_tag)
-    _parse(where, lambda: xgr.Grammar.from_structural_tag(tag))
+    _parse(where, "structural_tag", tag)
     return GuidedSpec("structural_tag", tag, end)
 
 
@@ -174,14 +173,29 @@ def _text(where: str, value) -> str:
     return value
 
 
-def _parse(where: str, build) -> None:
+def _parse(where: str, kind: str, text: str) -> None:
     try:
-        build()
+        _parses(kind, text)
     except (RuntimeError, ValueError, TypeError) as e:
         # xgrammar's messages start with its source location; keep the reason.
         reason = str(e).strip().splitlines()
         reason = next((line for line in reason if line.strip()), type(e).__name__)
         raise ValueError(f"{where}: {_strip_location(reason)}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parses(kind: str, text: str) -> bool:
+    """Parses a constraint with xgrammar (about 1 ms for a moderate schema); a text that
+    parsed is remembered, so a schema every request repeats is parsed once (errors are
+    not cached: they raise again)."""
+    import xgrammar as xgr
+
+    build = {"json": lambda: xgr.Grammar.from_json_schema(text, any_whitespace=False),
+             "regex": lambda: xgr.Grammar.from_regex(text),
+             "grammar": lambda: xgr.Grammar.from_ebnf(text),
+             "structural_tag": lambda: xgr.Grammar.from_structural_tag(text)}[kind]
+    build()
+    return True
 
 
 def _strip_location(message: str) -> str:

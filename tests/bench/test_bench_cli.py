@@ -51,6 +51,23 @@ def test_throughput_mixed_on_a_preset_in_process(capsys):
     assert again.num_output_tokens == record["num_output_tokens"]  # seeded
 
 
+def test_nano_vllm_workload_is_its_bench_py():
+    """nano-vllm's bench.py: ``random.seed(0)``, each prompt's ids drawn right after its
+    length, then every max_tokens; lengths in 100..1024, ids in 0..10000."""
+    import random
+
+    from bench import throughput
+
+    work = throughput.make_workload(throughput.parse_args(
+        ["--model", "qwen3-0.6b", "--load-format", "dummy", "--nano-vllm", "--num-prompts", "256",
+         "--seed", "0"]), 151936)
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
+               for _ in range(256)]
+    assert work.prompts == prompts
+    assert work.output_lens == [random.randint(100, 1024) for _ in range(256)]
+
+
 def test_throughput_rejects_a_preset_without_dummy_weights():
     from bench import throughput
 

@@ -15,8 +15,10 @@
 #                             # .tok_smollm2 (SmolLM2's tokenizer saved by save_pretrained) and
 #                             # wheels with xgrammar: EXTRA="pyzmq xgrammar==0.2.9 apache-tvm-ffi"
 #   bash bench/gpu.sh moe     # issue 15: spmd::fused_moe checked and timed (check_kernels
-#                             # --only-moe); Qwen3-30B-A3B 512 x 256/256 dag vs transformers;
-#                             # Qwen3-0.6B on nano-vllm's workload (256 seqs, 100..1024) dag vs hf
+#                             # --only-moe); Qwen3-30B-A3B 512 x 256/256 dag vs transformers
+#                             # (~8 min: transformers alone takes 5)
+#   bash bench/gpu.sh nano    # issue 15: Qwen3-0.6B on nano-vllm's workload (256 seqs,
+#                             # 100..1024 in and out) dag vs transformers
 #   bash bench/gpu.sh fp8acc  # FP8 KV accuracy on the real SmolLM2 (bench/fp8_accuracy.py);
 #                             # the GGUF (98 MB) travels in parts .gguf_a/b/c (carry limit)
 #
@@ -83,6 +85,8 @@ case $mode in
   moe)
     run kernels_moe python3 -m bench.check_kernels --only-moe
     thru qwen3_30b_a3b --model qwen3-30b-a3b --num-prompts 512 --backends dag,hf --hf-batch-size 512
+    ;;
+  nano)
     thru qwen3_06b_nano --model qwen3-0.6b --nano-vllm --num-prompts 256 --backends dag,hf \
       --hf-batch-size 256 --max-model-len 4096 --max-num-batched-tokens 16384
     ;;
@@ -94,6 +98,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | structured | moe | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

@@ -61,20 +61,69 @@ def _complete_gguf_config(hf_config, path: str) -> None:
     """Fills the fields transformers leaves at defaults from the GGUF metadata, and refuses a
     file with experts that transformers reads as a dense model: llama.cpp stores Mixtral as
     a ``llama`` file with ``ffn_*_exps`` tensors, which transformers silently drops."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(path).fields
-    arch = fields["general.architecture"].contents()
+    fields = gguf_metadata(path)
+    arch = fields.get("general.architecture")
     for key, attr in _GGUF_KEYS_TRANSFORMERS_DROPS.get(arch, {}).items():
         if f"{arch}.{key}" in fields:
-            setattr(hf_config, attr, int(fields[f"{arch}.{key}"].contents()))
-    experts = fields[f"{arch}.expert_count"].contents() if f"{arch}.expert_count" in fields else 0
+            setattr(hf_config, attr, int(fields[f"{arch}.{key}"]))
+    experts = fields.get(f"{arch}.expert_count", 0)
     if experts and not (getattr(hf_config, "num_experts", None)
                         or getattr(hf_config, "num_local_experts", None)):
         raise ValueError(f"model: GGUF file {path!r} (architecture {arch!r}) has "
                          f"{experts} experts per layer, but transformers reads it as a "
                          f"dense {hf_config.model_type!r} model without them (llama.cpp stores "
                          f"Mixtral this way); load the Hugging Face safetensors checkpoint instead")
+
+
+# GGUF metadata value types: fixed-size ones by struct format, then string (8) and array (9).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: str) -> dict:
+    """A GGUF file's scalar and string metadata (arrays skipped), read from its header alone:
+    ~20 ms for SmolLM2's file, where ``gguf.GGUFReader`` maps every tensor too (4-9 s on
+    this project's 2-core VM, paid by every process that reads the config)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"model: {path!r} is not a GGUF file")
+        version, = struct.unpack_from("<I", buf, 4)
+        if version < 2:
+            raise ValueError(f"model: {path!r}: GGUF version {version} is not supported")
+        _, num_kv = struct.unpack_from("<QQ", buf, 8)
+        pos, out = 24, {}
+
+        def string(at: int) -> tuple[str, int]:
+            n, = struct.unpack_from("<Q", buf, at)
+            return bytes(buf[at + 8:at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
+
+        for _ in range(num_kv):
+            key, pos = string(pos)
+            kind, = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if kind == 8:
+                out[key], pos = string(pos)
+            elif kind in _GGUF_SCALARS:
+                fmt = "<" + _GGUF_SCALARS[kind]
+                out[key], = struct.unpack_from(fmt, buf, pos)
+                pos += struct.calcsize(fmt)
+            elif kind == 9:
+                item, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if item == 8:
+                    for _ in range(count):
+                        n, = struct.unpack_from("<Q", buf, pos)
+                        pos += 8 + n
+                elif item in _GGUF_SCALARS:
+                    pos += count * struct.calcsize("<" + _GGUF_SCALARS[item])
+                else:
+                    raise ValueError(f"model: {path!r}: nested GGUF arrays ({key}) are not supported")
+            else:
+                raise ValueError(f"model: {path!r}: unknown GGUF value type {kind} ({key})")
+    return out
 
 
 def validate_tp(hf_config, tp_size: int) -> None:

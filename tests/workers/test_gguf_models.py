@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from gguf_writer import write_gguf
 from test_model import hf_last_logits, prefill_then_decode, prompts_and_decodes, run_schedule
-from workers.model_loader import load_hf_config, load_model
+from workers.model_loader import gguf_metadata, load_hf_config, load_model
 from workers.models import (MixtralForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM,
                             get_model_class)
 
@@ -84,3 +84,20 @@ def test_gguf_mixtral_is_refused_because_transformers_reads_it_dense(tiny_dir, t
         load_hf_config(gguf_path)
     with pytest.raises(ValueError, match="safetensors checkpoint instead"):
         load_model(gguf_path, "auto", torch.float32, 0, 1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_metadata_reads_what_gguf_reader_reads(checkpoints, variant):
+    """Our header-only reader returns every scalar and string field as the gguf package's
+    GGUFReader does (which maps the tensors too: seconds for a real file)."""
+    from gguf import GGUFReader
+    from gguf.constants import GGUFValueType
+
+    _, path = checkpoints[variant]
+    fields = GGUFReader(path).fields
+    want = {k: f.contents() for k, f in fields.items()
+            if f.types and f.types[0] != GGUFValueType.ARRAY and not k.startswith("GGUF.")}
+    got = gguf_metadata(path)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value) if isinstance(value, float) else got[key] == value

@@ -185,11 +185,14 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> MoEAlignment:
 
 
 @triton.jit
-def _block_rows(sorted_ids_ptr, block_expert_ptr, block, num_pairs, BLOCK_M: tl.constexpr):
-    """(expert (int64), pair indices (int64), row mask) of an M-block."""
+def _block_tile(sorted_ids_ptr, block_expert_ptr, block, num_pairs, num_cols,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(expert (int64), pair indices (int64), row mask, columns, column mask) of the tile
+    of M-block ``block`` and column block ``program_id(1)``."""
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
     pairs = tl.load(sorted_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
-    return expert, pairs.to(tl.int64), pairs < num_pairs
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pairs.to(tl.int64), pairs < num_pairs, cols, cols < num_cols
 
 
 @triton.jit
@@ -202,10 +205,8 @@ def _moe_gate_up_kernel(x_ptr, w13_ptr, inter_ptr, sorted_ids_ptr, block_expert_
     block = tl.program_id(0)
     if block * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert, pairs, row_mask = _block_rows(sorted_ids_ptr, block_expert_ptr, block, num_pairs,
-                                          BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < inter_size
+    expert, pairs, row_mask, cols, col_mask = _block_tile(
+        sorted_ids_ptr, block_expert_ptr, block, num_pairs, inter_size, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + (pairs // top_k)[:, None] * x_row_stride + ks[None, :]
     gate_ptrs = (w13_ptr + expert * w_expert_stride + cols[None, :].to(tl.int64) * w_row_stride
@@ -247,10 +248,8 @@ def _moe_down_kernel(inter_ptr, w2_ptr, weights_ptr, out_ptr, sorted_ids_ptr, bl
     block = tl.program_id(0)
     if block * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert, pairs, row_mask = _block_rows(sorted_ids_ptr, block_expert_ptr, block, num_pairs,
-                                          BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < hidden
+    expert, pairs, row_mask, cols, col_mask = _block_tile(
+        sorted_ids_ptr, block_expert_ptr, block, num_pairs, hidden, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = inter_ptr + pairs[:, None] * inter_row_stride + ks[None, :]
     w_ptrs = (w2_ptr + expert * w_expert_stride + cols[None, :].to(tl.int64) * w_row_stride

@@ -10,10 +10,6 @@ multiplies those and it truncates float32 -> bf16: the checks fix both
 """
 
 import contextlib
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -25,10 +21,10 @@ from workers import ops
 pytest.importorskip("triton")
 
 from tests.triton_interpreter import interpreter_fixture  # noqa: E402
+from tests.triton_sm90 import compile_for_sm90  # noqa: E402
 
 interpreter = interpreter_fixture(__file__)
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CUDA = torch.cuda.is_available()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # |out - ref| / |ref| against float64: bf16/fp16 round gate, up, silu, product and output.
@@ -298,41 +294,20 @@ def test_configs_by_tokens_per_expert():
 
 # --------------------------------------------------------------------------- compilation
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_COMPILE_SCRIPT = """
     from workers import triton_moe as M
 
     torch_dtypes = {"bf16": M.torch.bfloat16, "fp32": M.torch.float32}
     PTRS = {"sorted_ids_ptr": "i32", "block_expert_ptr": "i32", "num_padded_ptr": "i32",
             "chunk_counts_ptr": "i32", "ids_ptr": "i64", "weights_ptr": "fp32",
             "partial_ptr": "fp32"}
-    SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90
-
-    def build(kernel, dtype, constexprs, num_warps=4, num_stages=3, ptrs={}):
-        sig, attrs = {}, {}
-        ptr_types = {**PTRS, **ptrs}
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + ptr_types.get(name, dtype)
-            else:
-                sig[name] = "i32"
-            if name.endswith("_ptr") or "stride" in name:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
-        assert compiled.metadata.shared <= SMEM_LIMIT, (kernel, constexprs,
-                                                        compiled.metadata.shared)
 
     for e_pad in (16, 128):
         sub = max(16, min(128, 4096 // e_pad))
-        build(M._moe_count_kernel, "bf16", {"E_PAD": e_pad, "SUB": sub})
+        build(M._moe_count_kernel, "bf16", {"E_PAD": e_pad, "SUB": sub}, ptrs=PTRS)
         build(M._moe_align_kernel, "bf16", {"E_PAD": e_pad, "SUB": sub, "BLOCK_M": 64,
-                                           "BLOCKS_TILE": max(16, min(128, 8192 // e_pad))})
+                                           "BLOCKS_TILE": max(16, min(128, 8192 // e_pad))},
+              ptrs=PTRS)
     for dtype, torch_dtype in torch_dtypes.items():
         precision = "ieee" if dtype == "fp32" else "tf32"
         # Qwen3-30B-A3B decode and prefills (16 to 128 pairs per expert), Mixtral prefill.
@@ -341,19 +316,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             common = {"BLOCK_M": c.block_m, "BLOCK_K": c.block_k, "EVEN_K": True,
                       "DOT_PRECISION": precision}
             build(M._moe_gate_up_kernel, dtype, {**common, "BLOCK_N": c.gate_up_block_n},
-                  c.num_warps, c.num_stages)
+                  c.num_warps, c.num_stages, ptrs=PTRS)
             build(M._moe_down_kernel, dtype, {**common, "BLOCK_N": c.down_block_n},
-                  c.num_warps, c.num_stages, ptrs={"out_ptr": "fp32"})
-        build(M._moe_sum_kernel, dtype, {"BLOCK": 1024})
-""")
+                  c.num_warps, c.num_stages, ptrs={**PTRS, "out_ptr": "fp32"})
+        build(M._moe_sum_kernel, dtype, {"BLOCK": 1024}, ptrs=PTRS)
+"""
 
 
 def test_kernels_compile_for_sm90():
     """Every kernel, at every tile config, lowers to a Hopper cubin within its shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    compile_for_sm90(_COMPILE_SCRIPT)
 
 
 # --------------------------------------------------------------------------- CUDA

@@ -140,13 +140,19 @@ def test_tp2_matches_tp1(checkpoints, tmp_path):
                 "mixtral")
     paths = {v: checkpoints[v] for v in variants}
     mp.spawn(_tp_rank_main, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for variant in variants:
-        model = load_model(paths[variant], "safetensors", torch.float32, 0, 1)
+    _assert_ranks_equal_tp1(paths, tmp_path, 2)
+
+
+def _assert_ranks_equal_tp1(paths: dict, out_dir, world: int) -> None:
+    """Every rank's logits (saved by ``_tp_rank_main``) are equal, and close to tp=1's."""
+    ranks = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    for variant, path in paths.items():
+        model = load_model(path, "safetensors", torch.float32, 0, 1)
         prompts, decodes = prompts_and_decodes(model.config.vocab_size)
         expected, _ = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
         for step, want in enumerate(expected):
-            assert torch.equal(ranks[0][variant][step], ranks[1][variant][step]), (variant, step)
+            for rank in ranks[1:]:
+                assert torch.equal(ranks[0][variant][step], rank[variant][step]), (variant, step)
             torch.testing.assert_close(ranks[0][variant][step], want, atol=1e-4, rtol=1e-4)
 
 
@@ -160,12 +166,4 @@ def test_tp4_replicates_kv_heads(checkpoints, tmp_path):
     qkv = shard.model.layers[0].self_attn.qkv_proj
     assert qkv.kv_head_start == 1  # ranks 2 and 3 hold head 1
     mp.spawn(_tp_rank_main, args=(4, _free_port(), paths, str(tmp_path)), nprocs=4, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
-    for variant in variants:
-        model = load_model(paths[variant], "safetensors", torch.float32, 0, 1)
-        prompts, decodes = prompts_and_decodes(model.config.vocab_size)
-        expected, _ = run_schedule(model, prefill_then_decode(prompts, decodes), len(prompts))
-        for step, want in enumerate(expected):
-            for rank in ranks[1:]:
-                assert torch.equal(ranks[0][variant][step], rank[variant][step]), (variant, step)
-            torch.testing.assert_close(ranks[0][variant][step], want, atol=1e-4, rtol=1e-4)
+    _assert_ranks_equal_tp1(paths, tmp_path, 4)

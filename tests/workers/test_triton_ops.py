@@ -8,10 +8,6 @@ kernel to a Hopper cubin in a subprocess (no GPU needed). The interpreter's bf16
 fp32 and fp16, which share the bf16 code path; elementwise kernels also run in bf16.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from tests.triton_interpreter import interpreter_fixture  # noqa: E402
+from tests.triton_sm90 import compile_for_sm90  # noqa: E402
 from workers import ops  # noqa: E402
 
 interpreter = interpreter_fixture(__file__)
@@ -31,7 +28,6 @@ def _triton_ops():
     return triton_ops
 
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BLOCK_SIZE = 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -313,31 +309,18 @@ def test_fp8_cache_decode_and_mixed_prefill(interpreter, dtype):
 
 # --------------------------------------------------------------------------- compilation
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_COMPILE_SCRIPT = """
     from workers import triton_ops as T
 
     INDEX_PTRS = {"positions_ptr": "i64", "slot_mapping_ptr": "i64", "block_tables_ptr": "i32",
                   "seq_lens_ptr": "i32", "query_start_loc_ptr": "i32", "part_acc_ptr": "fp32",
                   "part_max_ptr": "fp32", "part_sum_ptr": "fp32", "scales_ptr": "fp32"}
+    FLOATS = ("eps", "scale")
+    build_any = build
 
     def build(kernel, dtype, constexprs, num_warps=4, ptrs=None):
-        sig, attrs = {}, {}
-        ptr_types = {**INDEX_PTRS, **(ptrs or {})}
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + ptr_types.get(name, dtype)
-            else:
-                sig[name] = "fp32" if name in ("eps", "scale") else "i32"
-            # The launcher specialises 16-divisible pointers and strides the same way.
-            if name.endswith("_ptr") or "stride" in name:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps})
+        build_any(kernel, dtype, constexprs, num_warps, ptrs={**INDEX_PTRS, **(ptrs or {})},
+                  floats=FLOATS)
 
     for dtype, fp8 in (("bf16", False), ("fp32", False), ("bf16", True)):
         precision = "ieee" if dtype == "fp32" else "tf32"
@@ -366,12 +349,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(T._decode_merge_kernel, dtype,
               {"HEAD_DIM": 128, "HD_PAD": 128, "PARTS_PAD": 8, "MERGE_BLOCK": 8,
                "PARTITION_SIZE": 512})
-""")
+"""
 
 
 def test_kernels_compile_for_sm90():
-    """Every kernel lowers to a Hopper cubin (Triton ships ptxas; no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    """Every kernel lowers to a Hopper cubin within its shared memory (no GPU needed)."""
+    compile_for_sm90(_COMPILE_SCRIPT)

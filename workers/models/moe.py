@@ -39,8 +39,7 @@ class _MoEMixin:
     def weight_pieces(self, param_name: str) -> list[dict]:
         for fused, parts in (("gate_up_proj", (GATE, UP)), ("down_proj", (DOWN,))):
             if param_name.endswith(f".experts.{fused}"):
-                cfg = self.config
-                experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+                experts = self.get_parameter(param_name).shape[0]
                 prefix = param_name[:-len(fused)]
                 return [{None: param_name},
                         {(e, p): f"{prefix}{e}.{p}_proj.weight" for e in range(experts) for p in parts}]

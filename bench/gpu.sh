@@ -4,7 +4,14 @@
 #   bash bench/gpu.sh smoke   # kernels (and varlen attention) vs float64, fp32 tiny parity, short 7B
 #   bash bench/gpu.sh tp1     # nvidia-h100-x1: fp32 parity; 7B dummy 512 prompts, dag/inproc/ray/hf
 #   bash bench/gpu.sh tp1b    # nvidia-h100-x1: 7B dummy 1000 prompts (dag), profile
-#   bash bench/gpu.sh tp2     # nvidia-h200-x2: parity + logits at tp=1/2, 7B dag/ray at tp=2
+#   bash bench/gpu.sh tp2     # nvidia-h200-x2 (issue 16): 7B 512 and 1000 prompts dag/ray at
+#                             # tp=2, FP8 KV dag, and the counted floors (bench.roofline)
+#   bash bench/gpu.sh tp4     # nvidia-h200-x4: the same at tp=4 (target >= 34,000 total tok/s)
+#   bash bench/gpu.sh tp4_70b # nvidia-h200-x4: Llama-2-70B shape at tp=4, 512 x 256/256, dag,
+#                             # against its counted floor
+#   TPS=1,2,4 bash bench/gpu.sh tpcheck   # fp32 tiny parity at each tp (CUDA graphs on and
+#                             # off), bf16 7B prefill logits at each tp vs tp=1, vs fp32 and vs
+#                             # transformers' own bf16 drift on the same weights
 #   bash bench/gpu.sh engine  # issue 13: 7B 512 prompts dag, dag-sync (no overlap), inproc, hf;
 #                             # 20 decode steps traced (device gaps); then kv_reserve=1
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
@@ -51,12 +58,29 @@ case $mode in
     run profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
       --batch-size 256 --input-len 256 --steps 5 --trace "$OUT/trace_tp1.json"
     ;;
-  tp2)
-    run parity python3 -m bench.gpu_check --tiny --logits --eager-too --json-out "$OUT/gpu_check.json"
-    thru tp2_512 --num-prompts 512 --tp 2 --backends dag,ray
+  tp2|tp4)
+    tp=${mode#tp}
+    for n in 512 1000; do
+      run "roofline_tp${tp}_$n" python3 -m bench.roofline --model llama2-7b --tp "$tp" \
+        --num-prompts "$n" --json-out "$OUT/roofline_tp${tp}_$n.json"
+      thru "tp${tp}_$n" --num-prompts "$n" --tp "$tp" --backends dag,ray
+    done
     # If capturing NCCL inside CUDA graphs fails here, still measure the eager path.
-    [ -s "$OUT/tp2_512.json" ] || thru tp2_512_eager --num-prompts 512 --tp 2 --backends dag --enforce-eager
-    thru tp2_1000 --num-prompts 1000 --tp 2 --backends dag
+    [ -s "$OUT/tp${tp}_512.json" ] || thru "tp${tp}_512_eager" --num-prompts 512 --tp "$tp" \
+      --backends dag --enforce-eager
+    thru "tp${tp}_512_fp8" --num-prompts 512 --tp "$tp" --backends dag --engine-arg kv_cache_dtype=fp8
+    ;;
+  tp4_70b)
+    run roofline_70b python3 -m bench.roofline --model llama2-70b --tp 4 --num-prompts 512 \
+      --json-out "$OUT/roofline_70b.json"
+    run roofline_70b_fp8 python3 -m bench.roofline --model llama2-70b --tp 4 --num-prompts 512 \
+      --kv-cache-dtype fp8 --json-out "$OUT/roofline_70b_fp8.json"
+    thru tp4_70b --model llama2-70b --num-prompts 512 --tp 4 --backends dag
+    ;;
+  tpcheck)
+    run parity python3 -m bench.gpu_check --tiny --eager-too --tp "${TPS:-1,2}" \
+      --json-out "$OUT/gpu_check_tiny.json"
+    run logits python3 -m bench.gpu_check --logits --tp "${TPS:-1,2}" --json-out "$OUT/gpu_check_logits.json"
     ;;
   engine)
     model=${MODEL:-llama2-7b}
@@ -98,6 +122,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | engine | floor | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

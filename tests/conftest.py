@@ -11,6 +11,16 @@ import torch
 
 sys.path.append(os.path.dirname(__file__))  # after the repo root: tests/spmd must not shadow spmd
 
+# What the engine converts out of GGUF files (workers/gguf_cache.py) is kept for this session
+# only, never in ~/.cache; set before any Ray cluster starts, so that rank actors see it too.
+if "SPMD_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SPMD_CACHE_DIR"] = tempfile.mkdtemp(prefix="spmd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SPMD_CACHE_DIR"], ignore_errors=True)
+
 from tiny_models import build_tiny, build_variant  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Writes a tiny HF checkpoint (safetensors + config.json) as a float32 GGUF file, with the
 tensor names and metadata llama.cpp's ``convert_hf_to_gguf.py`` gives that architecture.
 
-``write_gguf(hf_dir, path)`` handles ``qwen3``, ``qwen3_moe`` (GGUF ``qwen3moe``) and
+``write_gguf(hf_dir, path)`` handles ``qwen2``, ``qwen3``, ``qwen3_moe`` (GGUF ``qwen3moe``) and
 ``llama`` / ``mixtral`` (both GGUF ``llama``: llama.cpp stores Mixtral as a Llama file
 with expert tensors, and permutes q/k rows for that architecture only). Experts, saved
 one tensor per expert, are stacked into ``ffn_{gate,up,down}_exps`` ``[E, out, in]``.
@@ -16,7 +16,8 @@ import re
 import numpy as np
 import torch
 
-GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3_moe": "qwen3moe"}
 
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
            "model.norm.weight": "output_norm.weight",
@@ -26,6 +27,9 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "self_attn.k_proj.weight": "attn_k.weight",
           "self_attn.v_proj.weight": "attn_v.weight",
           "self_attn.o_proj.weight": "attn_output.weight",
+          "self_attn.q_proj.bias": "attn_q.bias",
+          "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias",
           "self_attn.q_norm.weight": "attn_q_norm.weight",
           "self_attn.k_norm.weight": "attn_k_norm.weight",
           "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -94,6 +98,7 @@ def _add_vocab(writer, vocab_size: int) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"<t{i}>" for i in range(vocab_size)])
     writer.add_token_types([1] * vocab_size)
+    writer.add_token_scores([0.0] * vocab_size)
     writer.add_token_merges([])
 
 

@@ -44,9 +44,21 @@ def load_hf_config(model: str):
     folder, gguf_file = resolve_model_path(model)
     if gguf_file is None:
         return AutoConfig.from_pretrained(folder)
-    hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    _complete_gguf_config(hf_config, os.path.join(folder, gguf_file))
-    return hf_config
+    from workers.gguf_cache import cached
+
+    path = os.path.join(folder, gguf_file)
+
+    def convert():
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        _complete_gguf_config(hf_config, path)
+        return hf_config
+
+    def load(entry: str):
+        hf_config = AutoConfig.from_pretrained(entry)
+        hf_config._name_or_path = folder  # as converted: the GGUF's folder, not the cache's
+        return hf_config
+
+    return cached(path, "config", convert, lambda config, out: config.save_pretrained(out), load)
 
 
 # GGUF keys transformers' config mapping drops (per GGUF architecture), leaving class
@@ -84,6 +96,13 @@ def gguf_metadata(path: str) -> dict:
     """A GGUF file's scalar and string metadata (arrays skipped), read from its header alone:
     ~20 ms for SmolLM2's file, where ``gguf.GGUFReader`` maps every tensor too (4-9 s on
     this project's 2-core VM, paid by every process that reads the config)."""
+    return _gguf_layout(path)[0]
+
+
+def _gguf_layout(path: str) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """``(metadata, tensors, data_start)`` of a GGUF file from its header: each tensor as
+    ``(name, shape, ggml type, offset from data_start)``, shape in torch order (GGUF lists
+    the fastest-varying dimension first)."""
     import mmap
     import struct
 
@@ -93,7 +112,7 @@ def gguf_metadata(path: str) -> dict:
         version, = struct.unpack_from("<I", buf, 4)
         if version < 2:
             raise ValueError(f"model: {path!r}: GGUF version {version} is not supported")
-        _, num_kv = struct.unpack_from("<QQ", buf, 8)
+        num_tensors, num_kv = struct.unpack_from("<QQ", buf, 8)
         pos, out = 24, {}
 
         def string(at: int) -> tuple[str, int]:
@@ -123,7 +142,16 @@ def gguf_metadata(path: str) -> dict:
                     raise ValueError(f"model: {path!r}: nested GGUF arrays ({key}) are not supported")
             else:
                 raise ValueError(f"model: {path!r}: unknown GGUF value type {kind} ({key})")
-    return out
+        tensors = []
+        for _ in range(num_tensors):
+            name, pos = string(pos)
+            n_dims, = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            tensors.append((name, tuple(reversed(dims)), kind, offset))
+        align = int(out.get("general.alignment", 32))
+    return out, tensors, -(-pos // align) * align
 
 
 def validate_tp(hf_config, tp_size: int) -> None:
@@ -230,12 +258,19 @@ def _safetensors_files(folder: str) -> list[str]:
 
 
 def iter_gguf_weights(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named, dequantised tensors from a GGUF file, through transformers.
+    """HF-named, dequantised tensors from a GGUF file.
 
-    transformers maps GGUF names (``blk.N.attn_q.weight``) to HF names using a
-    meta-device HF model and undoes llama.cpp's q/k row permutation. GGUF cannot
-    be read shard by shard: every rank dequantises the whole file, then slices.
+    Dense Llama, Qwen2 and Qwen3 files are read here (``_iter_gguf_native``); others
+    through transformers, which maps GGUF names (``blk.N.attn_q.weight``) to HF names with
+    a meta-device HF model and splits stacked experts. GGUF cannot be read shard by shard:
+    every rank dequantises the whole file, then slices.
     """
+    fields = gguf_metadata(path)
+    if (fields.get("general.architecture") == _GGUF_NATIVE.get(hf_config.model_type)
+            and not (getattr(hf_config, "num_experts", None)
+                     or getattr(hf_config, "num_local_experts", None))):
+        yield from _iter_gguf_native(path, hf_config, dtype)
+        return
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -244,3 +279,63 @@ def iter_gguf_weights(path: str, hf_config, dtype: torch.dtype) -> Iterator[tupl
     checkpoint = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only,
                                       torch_dtype=dtype)
     yield from checkpoint["tensors"].items()
+
+
+# HF model_type -> GGUF architecture of the dense models read without transformers.
+_GGUF_NATIVE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The same tensors transformers' GGUF loader gives, without its metadata parse
+    (``gguf.GGUFReader`` makes a numpy view per vocabulary entry) or its name mapping (a
+    tensor-name map rebuilt per submodule): 9-20 s for SmolLM2 on a 2-core host, against
+    ~1.5 s here, nearly all of it dequantisation.
+
+    Names: ``gguf``'s tensor-name map of the architecture, applied to the HF model's
+    parameter names (the GGUF names of tensors nobody reads, such as ``rope_freqs``, are
+    skipped, as transformers does). llama.cpp stores a Llama's q and k projection rows
+    with each head's two rotary halves interleaved; they are put back here."""
+    import mmap
+
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    fields, tensors, data_start = _gguf_layout(path)
+    arch_name = fields["general.architecture"]
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    name_map = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
+    with torch.device("meta"):
+        names_only = AutoModelForCausalLM.from_config(hf_config)
+    hf_name_of = {}
+    for hf_name in names_only.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = name_map.get_name(base)
+        if gguf_name is not None:
+            hf_name_of[f"{gguf_name}.{suffix}"] = hf_name
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for name, shape, kind, offset in tensors:
+            hf_name = hf_name_of.get(name)
+            if hf_name is None:
+                continue
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            rows, row_len = shape[:-1], shape[-1]
+            nbytes = int(np.prod(rows, dtype=np.int64)) * (row_len // block) * type_size
+            raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=data_start + offset)
+            values = gguf.quants.dequantize(raw.reshape(*rows, -1), qtype).reshape(shape)
+            if values.base is not None and np.shares_memory(values, raw):  # F32: a view of the file
+                values = values.copy()
+            tensor = torch.from_numpy(values.astype(np.float32, copy=False))
+            del raw, values  # no view of the file may outlive it
+            if arch_name == "llama" and (".attn_q." in name or ".attn_k." in name):
+                tensor = _deinterleave_rotary(tensor, heads if ".attn_q." in name else kv_heads)
+            yield hf_name, tensor.to(dtype)
+
+
+def _deinterleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undoes llama.cpp's Llama q/k layout: within each head, output rows ``2i`` and
+    ``2i + 1`` hold HF rows ``i`` and ``i + head_dim / 2``."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

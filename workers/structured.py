@@ -41,7 +41,16 @@ def load_tokenizer(path: str):
             raise
         folder, gguf_file = path, None
     if gguf_file:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        from workers.gguf_cache import cached
+
+        def load(entry: str):
+            tokenizer = AutoTokenizer.from_pretrained(entry)
+            tokenizer.name_or_path = folder  # as converted: the GGUF's folder
+            return tokenizer
+
+        return cached(os.path.join(folder, gguf_file), "tokenizer",
+                      lambda: AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file),
+                      lambda tok, out: tok.save_pretrained(out), load)
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -101,3 +101,68 @@ def test_gguf_metadata_reads_what_gguf_reader_reads(checkpoints, variant):
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value) if isinstance(value, float) else got[key] == value
+
+
+@pytest.mark.parametrize("variant", ["llama", "tied", "qwen2", "qwen3"])
+def test_native_gguf_reader_gives_transformers_tensors(tiny_dir, tmp_path, variant):
+    """Dense Llama/Qwen2/Qwen3 files are read without transformers' GGUF loader (seconds
+    faster on a real file): the same names and bit-identical tensors, Llama's q/k rows
+    put back in HF order, in float32 and bfloat16."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from workers.model_loader import _iter_gguf_native, iter_gguf_weights
+
+    folder = tiny_dir(variant)
+    path = write_gguf(folder, str(tmp_path / f"{variant}.gguf"))
+    config = load_hf_config(path)
+    with torch.device("meta"):
+        names_only = AutoModelForCausalLM.from_config(config)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only,
+                                    torch_dtype=dtype)["tensors"]
+        got = dict(_iter_gguf_native(path, config, dtype))
+        assert got.keys() == want.keys()
+        for name, tensor in got.items():
+            assert tensor.dtype == dtype and torch.equal(tensor, torch.as_tensor(want[name])), name
+    # and the loader takes this path for them
+    assert dict(iter_gguf_weights(path, config, torch.float32)).keys() == want.keys()
+    from safetensors.torch import load_file
+    original = load_file(f"{folder}/model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(got[q].float(), original[q].bfloat16().float())
+
+
+def test_gguf_config_and_tokenizer_are_converted_once(checkpoints, tmp_path, monkeypatch):
+    """What transformers converts out of a GGUF (seconds per process for a real file) is
+    kept under $SPMD_CACHE_DIR, keyed by the file: read back equal, converted again when
+    the file changes or the entry is damaged, and not kept with SPMD_CACHE_DIR=off."""
+    import os
+
+    from workers import gguf_cache
+    from workers.structured import load_tokenizer
+
+    monkeypatch.setenv("SPMD_CACHE_DIR", str(tmp_path / "cache"))
+    _, path = checkpoints["qwen3"]
+    fresh_config, fresh_tok = load_hf_config(path), load_tokenizer(path)
+    entry = gguf_cache.entry_dir(path, "config")
+    assert os.path.isfile(os.path.join(entry, "config.json"))
+    assert os.path.isdir(gguf_cache.entry_dir(path, "tokenizer"))
+    cached_config, cached_tok = load_hf_config(path), load_tokenizer(path)
+    assert cached_config.to_dict() == fresh_config.to_dict()
+    text = "<t5><t17><t3>"
+    assert cached_tok(text).input_ids == fresh_tok(text).input_ids
+    assert cached_tok.get_vocab() == fresh_tok.get_vocab()
+
+    with open(os.path.join(entry, "config.json"), "w") as f:
+        f.write("{not json")
+    assert load_hf_config(path).to_dict() == fresh_config.to_dict()  # converted again
+    assert load_hf_config(path).to_dict() == fresh_config.to_dict()  # and stored again
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert gguf_cache.entry_dir(path, "config") != entry
+
+    monkeypatch.setenv("SPMD_CACHE_DIR", "off")
+    assert gguf_cache.entry_dir(path, "config") is None
+    assert load_hf_config(path).to_dict() == fresh_config.to_dict()

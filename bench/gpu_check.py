@@ -165,23 +165,28 @@ def _hf_logits(path: str, prompts: list[list[int]], last: int, device: str) -> d
     from workers.model_loader import iter_dummy_weights, load_hf_config
 
     config = load_hf_config(path)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    missing = set(model.state_dict())
-    for name, tensor in iter_dummy_weights(config, 0, torch.bfloat16, device):
-        model.get_parameter(name).data.copy_(tensor)
-        missing.discard(name)
-    if missing - {"lm_head.weight"}:  # tied heads share the embedding
-        raise RuntimeError(f"dummy weights left these unset: {sorted(missing)[:5]}")
+    tied = getattr(config, "tie_word_embeddings", False)
     ids = torch.tensor(prompts, device=device)
     out = {}
-    with torch.inference_mode():
-        for dtype in (torch.bfloat16, torch.float32):
-            model = model.to(dtype)
-            out[str(dtype).removeprefix("torch.")] = model(ids).logits[:, -last:].double().cpu().numpy()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    # A model per dtype, built in it: casting one (model.to) would also round the rotary
+    # frequencies (a float32 buffer) to bfloat16, and the float32 run would inherit that.
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        missing = set(model.state_dict())
+        for name, tensor in iter_dummy_weights(config, 0, dtype, device):
+            if tied and name == "lm_head.weight":  # the embedding's draw, as the engine ties it
+                continue
+            model.get_parameter(name).data.copy_(tensor)
+            missing.discard(name)
+        if missing - {"lm_head.weight"}:  # tied heads share the embedding
+            raise RuntimeError(f"dummy weights left these unset: {sorted(missing)[:5]}")
+        with torch.inference_mode():
+            logits = model(ids).logits[:, -last:]
+        out[str(dtype).removeprefix("torch.")] = logits.double().cpu().numpy()
+        del model, logits
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 

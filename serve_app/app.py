@@ -132,6 +132,20 @@ def _depth_exceeds(data, limit: int) -> bool:
     return False
 
 
+def share_cores(engine_kwargs: dict, num_replicas: int | str) -> dict:
+    """Engine options for one of ``num_replicas`` replicas. A CPU rank runs the model on
+    ``num_threads_per_rank`` threads, by default the host's cores / tp: right for one
+    engine, but replicas sharing a host then run replicas x cores spinning threads, and on
+    2 cores two tp=1 replicas served 0.33x what one did. Unless set, each replica's ranks
+    get an equal share of this host's cores (no effect on GPU ranks)."""
+    if (type(num_replicas) is not int or num_replicas < 2
+            or engine_kwargs.get("num_threads_per_rank")):
+        return engine_kwargs
+    tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
+    share = max(1, (os.cpu_count() or 1) // (tp * num_replicas))
+    return {**engine_kwargs, "num_threads_per_rank": share}
+
+
 # serve.ingress pickles a copy of the FastAPI app, route methods and all, when it
 # decorates the class: whatever they use must be defined above. The name stays bound to
 # the class (serve.deployment is applied in deploy()), so that Ray pickles it by
@@ -139,7 +153,7 @@ def _depth_exceeds(data, limit: int) -> bool:
 @serve.ingress(fastapi_app)
 class LLMServer:
     async def __init__(self, engine_kwargs: dict, options: ServerOptions):
-        self.engine = AsyncEngine(**engine_kwargs)
+        self.engine = AsyncEngine(**share_cores(engine_kwargs, options.num_replicas))
         self.options = options
         self.model_name = options.served_model_name
         self.metrics = ServerMetrics()

@@ -101,3 +101,15 @@ def test_sample_config_is_a_valid_serve_config():
     if smollm2_gguf() is not None:
         engine, server = parse_args(app.args)
         assert engine["max_model_len"] == 2048 and server.num_replicas == 1
+
+
+def test_replicas_on_one_host_share_its_cores_unless_told(monkeypatch):
+    from serve_app.app import share_cores
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert share_cores({"model": "m"}, 1) == {"model": "m"}
+    assert share_cores({"model": "m"}, "auto") == {"model": "m"}
+    assert share_cores({"model": "m"}, 2)["num_threads_per_rank"] == 8
+    assert share_cores({"tensor_parallel_size": 2}, 4)["num_threads_per_rank"] == 2
+    assert share_cores({"tensor_parallel_size": 4}, 8)["num_threads_per_rank"] == 1
+    assert share_cores({"num_threads_per_rank": 3}, 2)["num_threads_per_rank"] == 3

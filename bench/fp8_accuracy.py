@@ -13,7 +13,6 @@ cache, so that the FP8 K/V are what attention reads) with their relative differe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -123,12 +122,9 @@ def main(argv=None) -> dict:
           f"{summary['mean_common_prefix']:.1f} of {args.max_tokens}; perplexity "
           f"{summary['perplexity_base']:.4f} -> {summary['perplexity_fp8']:.4f} "
           f"({summary['perplexity_delta']:+.3%}); KV capacity x{summary['kv_capacity_ratio']:.2f}")
-    line = json.dumps(record)
-    print(line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return record
+    from bench.throughput import emit_json
+
+    return emit_json(record, args.json_out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Nothing is run: it prints a JSON line (seconds per phase, total tok/s at the flo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -159,12 +158,9 @@ def main(argv=None) -> dict:
     row = dict(model=args.model, kv_cache_dtype=args.kv_cache_dtype,
                num_prompts=args.num_prompts, input_len=args.input_len,
                output_len=args.output_len, **row, shape=asdict(shape), rates=asdict(GPUS[args.gpu]))
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(line + "\n")
-    return row
+    from bench.throughput import emit_json
+
+    return emit_json(row, args.json_out)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #                                         # (proxy ingress); the 7B shape with SmolLM2's
 #                                         # vocabulary and tokenizer (.tok_smollm2 or .tok_xz)
 #
+#   PRESET=qwen3-30b-a3b LOADS=c512 bash bench/serving_gpu.sh proxy   # issue 15: the MoE served
 #   TP=2 LOADS=c512 bash bench/serving_gpu.sh proxy   # issue 16: the same across 2 (or 4) GPUs
 #   bash bench/serving_gpu.sh dp      # issue 16, nvidia-h200-x2: one replica (c=512) against
 #                                     # two tp=1 replicas behind one endpoint (c=1024), 1024
@@ -22,8 +23,9 @@
 # ../shared/device/make-wheels.sh`). JSON and logs go to $OUT (or ./gpu-out).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-MODEL=/tmp/llama2-7b
-python3 -c "import json, os; from bench.presets import PRESETS; os.makedirs('$MODEL', exist_ok=True); json.dump(PRESETS['llama2-7b'], open('$MODEL/config.json', 'w'))"
+PRESET=${PRESET:-llama2-7b}
+MODEL=/tmp/$PRESET
+python3 -c "import json, os; from bench.presets import PRESETS; os.makedirs('$MODEL', exist_ok=True); json.dump(PRESETS['$PRESET'], open('$MODEL/config.json', 'w'))" || exit 1
 
 mode=${1:-fast}
 case $mode in

@@ -11,54 +11,47 @@ from bench import serving
 
 
 @pytest.mark.slow
-def test_start_server_load_and_offline_compare(tmp_path, ray_cluster, tiny_chat_model, capsys):
+def test_start_server_sweep_from_client_processes_and_offline_compare(tmp_path, ray_cluster,
+                                                                     tiny_chat_model, capsys):
+    """One server for the whole command: a concurrency sweep (1, then 4) spread over
+    ``--num-clients 2`` (one client at concurrency 1: no more processes than slots), every
+    request complete with exact token counts, ``--serve-env`` recorded, offline
+    ``LLM.generate`` on the fastest level's prompts, the JSON line, file and plot."""
     out_json, png = tmp_path / "serving.json", tmp_path / "latency.png"
     record = serving.main(["--start-server", tiny_chat_model, "--engine-arg", "max_model_len=512",
-                           "--num-prompts", "8", "--concurrency", "4", "--input-len", "16",
-                           "--output-len", "8", "--json-out", str(out_json), "--plot", str(png)])
+                           "--num-prompts", "8", "--concurrency", "--sweep", "1,4",
+                           "--input-len", "16", "--output-len", "8", "--num-clients", "2",
+                           "--serve-env", "SPMD_BENCH_SERVING_TEST=1",
+                           "--json-out", str(out_json), "--plot", str(png)])
     out = capsys.readouterr().out
     printed = json.loads(out.strip().splitlines()[-1])
     assert printed == record == json.loads(out_json.read_text())
-    assert "Successful requests" in out and "HTTP/offline" in out
-    [level] = record["levels"]
-    assert (level["load"], level["level"]) == ("concurrency", 4)
-    assert (level["completed"], level["failed"]) == (8, 0)
-    assert level["output_tokens"] == 8 * 8 and level["prompt_tokens"] == 8 * 16
-    assert level["requests_per_s"] > 0 and level["output_tokens_per_s"] > 0
-    assert level["total_tokens_per_s"] == pytest.approx(3 * level["output_tokens_per_s"], rel=0.01)
-    for stat in ("mean", "p50", "p99"):
-        assert 0 < level["ttft_ms"][stat] <= level["e2e_ms"][stat]
-        assert level["tpot_ms"][stat] > 0
-    assert level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
-    assert level["num_clients"] == 1 and level["client_cpu_util"] > 0
-    assert level["client_cpu_util_max"] == level["client_cpu_util"]
+    assert "Successful requests" in out and "HTTP/offline" in out and "Client processes" in out
+    assert record["num_clients"] == 2
+    assert record["serve_env"] == {"SPMD_BENCH_SERVING_TEST": "1"}
+    assert [(b["load"], b["level"]) for b in record["levels"]] == [("concurrency", 1),
+                                                                    ("concurrency", 4)]
+    for level, clients in zip(record["levels"], (1, 2)):
+        assert (level["completed"], level["failed"]) == (8, 0)
+        assert level["output_tokens"] == 8 * 8 and level["prompt_tokens"] == 8 * 16
+        assert level["requests_per_s"] > 0 and level["output_tokens_per_s"] > 0
+        assert level["total_tokens_per_s"] == pytest.approx(3 * level["output_tokens_per_s"],
+                                                            rel=0.01)
+        for stat in ("mean", "p50", "p99"):
+            assert 0 < level["ttft_ms"][stat] <= level["e2e_ms"][stat]
+            assert level["tpot_ms"][stat] > 0
+        assert level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"]
+        assert level["num_clients"] == clients and level["client_cpu_util"] > 0
+        assert 0 < level["client_cpu_util_max"] <= level["client_cpu_util"]
     assert "Client CPU" in out and "Failed replica health checks" in out
     assert isinstance(record["health_check_failures"], int) and record["health_check_failures"] >= 0
     offline = record["offline"]
+    best = max(record["levels"], key=lambda b: b["output_tokens_per_s"])
+    assert offline["vs_level"] == best["level"]
     assert offline["output_tokens"] == 64 and offline["output_tokens_per_s"] > 0
-    assert offline["http_over_offline"] > 0
+    assert offline["http_over_offline"] == pytest.approx(
+        best["output_tokens_per_s"] / offline["output_tokens_per_s"], rel=1e-3)
     assert png.stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_client_processes_complete_every_request(ray_cluster, tiny_chat_model, capsys):
-    """--num-clients 2 completes every request with the token counts one process gets (one
-    client at concurrency 1: no more processes than slots); --serve-env is recorded."""
-    record = serving.main(["--start-server", tiny_chat_model, "--engine-arg", "max_model_len=512",
-                           "--skip-offline", "--num-prompts", "6", "--input-len", "12",
-                           "--output-len", "6", "--concurrency", "--sweep", "1,3",
-                           "--num-clients", "2", "--serve-env", "SPMD_BENCH_SERVING_TEST=1"])
-    assert "Client processes" in capsys.readouterr().out
-    assert record["num_clients"] == 2
-    assert record["serve_env"] == {"SPMD_BENCH_SERVING_TEST": "1"}
-    assert isinstance(record["health_check_failures"], int) and record["health_check_failures"] >= 0
-    assert [b["level"] for b in record["levels"]] == [1, 3]
-    for b, clients in zip(record["levels"], (1, 2)):
-        assert (b["completed"], b["failed"]) == (6, 0)
-        assert (b["output_tokens"], b["prompt_tokens"]) == (6 * 6, 6 * 12)
-        assert b["num_clients"] == clients and b["client_cpu_util"] > 0
-        assert 0 < b["client_cpu_util_max"] <= b["client_cpu_util"]
-        assert 0 < b["ttft_ms"]["p50"] <= b["e2e_ms"]["p50"] and b["tpot_ms"]["p50"] > 0
 
 
 @pytest.mark.parametrize("n, load, level, clients, expected", [

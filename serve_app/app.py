@@ -57,6 +57,7 @@ from spmd import StructuredOutputsParams
 from spmd.structured_outputs import check_json_schema
 from spmd import AsyncEngine, PoolingParams, RequestOutput, SamplingParams
 from spmd.async_engine import EngineDeadError, LoRANotFoundError
+from spmd.config import default_threads_per_rank
 from spmd.lora import LoRAInUseError, LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -133,17 +134,16 @@ def _depth_exceeds(data, limit: int) -> bool:
 
 
 def share_cores(engine_kwargs: dict, num_replicas: int | str) -> dict:
-    """Engine options for one of ``num_replicas`` replicas. A CPU rank runs the model on
-    ``num_threads_per_rank`` threads, by default the host's cores / tp: right for one
-    engine, but replicas sharing a host then run replicas x cores spinning threads, and on
-    2 cores two tp=1 replicas served 0.33x what one did. Unless set, each replica's ranks
-    get an equal share of this host's cores (no effect on GPU ranks)."""
+    """Engine options for one of ``num_replicas`` replicas. A rank's model threads default
+    to the host's cores / tp: right for one engine, but replicas sharing a host then run
+    replicas x cores spinning OpenMP threads (on 2 cores two tp=1 CPU replicas served
+    0.33x what one did). Unless ``num_threads_per_rank`` is set, each replica's ranks get
+    an equal share of this host's cores (GPU ranks use them only for host-side work)."""
     if (type(num_replicas) is not int or num_replicas < 2
             or engine_kwargs.get("num_threads_per_rank")):
         return engine_kwargs
     tp = int(engine_kwargs.get("tensor_parallel_size") or 1)
-    share = max(1, (os.cpu_count() or 1) // (tp * num_replicas))
-    return {**engine_kwargs, "num_threads_per_rank": share}
+    return {**engine_kwargs, "num_threads_per_rank": default_threads_per_rank(tp, num_replicas)}
 
 
 # serve.ingress pickles a copy of the FastAPI app, route methods and all, when it

@@ -352,7 +352,7 @@ class EngineConfig:
 
     def rank_config(self, max_model_len: int) -> RankConfig:
         tp = self.parallel.tensor_parallel_size
-        threads = self.parallel.num_threads_per_rank or max(1, (os.cpu_count() or 1) // tp)
+        threads = self.parallel.num_threads_per_rank or default_threads_per_rank(tp)
         return RankConfig(
             model=resolve_model(self.model.model),
             tokenizer=resolve_model(self.model.tokenizer) if self.model.tokenizer else "",
@@ -389,3 +389,9 @@ _PARTS = {"model": ModelConfig, "parallel": ParallelConfig, "cache": CacheConfig
 def _check(ok: bool, name: str, limit: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {limit}")
+
+
+def default_threads_per_rank(tp: int, engines: int = 1) -> int:
+    """Model threads of a rank when ``num_threads_per_rank`` is not set: this host's cores
+    split over the ranks of the ``engines`` engines that share it."""
+    return max(1, (os.cpu_count() or 1) // (tp * engines))

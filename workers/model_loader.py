@@ -215,11 +215,7 @@ def iter_dummy_weights(hf_config, seed: int, dtype: torch.dtype,
     any tensor-parallel size; bfloat16 rounding makes a float32 run an exact-weights,
     higher-precision reference for a bfloat16 one.
     """
-    import transformers
-
-    with torch.device("meta"):
-        names_only = getattr(transformers, auto_class).from_config(hf_config)
-    for name, meta in names_only.state_dict().items():
+    for name, meta in _hf_names_only(hf_config, auto_class).state_dict().items():
         if name.lower().endswith("norm.weight"):
             yield name, torch.ones(meta.shape, dtype=dtype, device=device)
             continue
@@ -265,18 +261,16 @@ def iter_gguf_weights(path: str, hf_config, dtype: torch.dtype) -> Iterator[tupl
     a meta-device HF model and splits stacked experts. GGUF cannot be read shard by shard:
     every rank dequantises the whole file, then slices.
     """
-    fields = gguf_metadata(path)
-    if (fields.get("general.architecture") == _GGUF_NATIVE.get(hf_config.model_type)
+    layout = _gguf_layout(path)
+    if (layout[0].get("general.architecture") == _GGUF_NATIVE.get(hf_config.model_type)
             and not (getattr(hf_config, "num_experts", None)
                      or getattr(hf_config, "num_local_experts", None))):
-        yield from _iter_gguf_native(path, hf_config, dtype)
+        yield from _iter_gguf_native(path, hf_config, dtype, layout)
         return
-    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    with torch.device("meta"):
-        names_only = AutoModelForCausalLM.from_config(hf_config)
-    checkpoint = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only,
+    checkpoint = load_gguf_checkpoint(path, return_tensors=True,
+                                      model_to_load=_hf_names_only(hf_config),
                                       torch_dtype=dtype)
     yield from checkpoint["tensors"].items()
 
@@ -285,7 +279,8 @@ def iter_gguf_weights(path: str, hf_config, dtype: torch.dtype) -> Iterator[tupl
 _GGUF_NATIVE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype,
+                      layout=None) -> Iterator[tuple[str, torch.Tensor]]:
     """The same tensors transformers' GGUF loader gives, without its metadata parse
     (``gguf.GGUFReader`` makes a numpy view per vocabulary entry) or its name mapping (a
     tensor-name map rebuilt per submodule): 9-20 s for SmolLM2 on a 2-core host, against
@@ -299,16 +294,13 @@ def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype) -> Iterator[tupl
 
     import gguf
     import numpy as np
-    from transformers import AutoModelForCausalLM
 
-    fields, tensors, data_start = _gguf_layout(path)
+    fields, tensors, data_start = layout or _gguf_layout(path)
     arch_name = fields["general.architecture"]
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     name_map = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
-    with torch.device("meta"):
-        names_only = AutoModelForCausalLM.from_config(hf_config)
     hf_name_of = {}
-    for hf_name in names_only.state_dict():
+    for hf_name in _hf_names_only(hf_config).state_dict():
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = name_map.get_name(base)
         if gguf_name is not None:
@@ -325,7 +317,7 @@ def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype) -> Iterator[tupl
             nbytes = int(np.prod(rows, dtype=np.int64)) * (row_len // block) * type_size
             raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=data_start + offset)
             values = gguf.quants.dequantize(raw.reshape(*rows, -1), qtype).reshape(shape)
-            if values.base is not None and np.shares_memory(values, raw):  # F32: a view of the file
+            if np.shares_memory(values, raw):  # F32 comes back as a view of the file
                 values = values.copy()
             tensor = torch.from_numpy(values.astype(np.float32, copy=False))
             del raw, values  # no view of the file may outlive it
@@ -339,3 +331,12 @@ def _deinterleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     ``2i + 1`` hold HF rows ``i`` and ``i + head_dim / 2``."""
     half = weight.shape[0] // heads // 2
     return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _hf_names_only(hf_config, auto_class: str = "AutoModelForCausalLM") -> nn.Module:
+    """transformers' model of this config on the ``meta`` device: its parameter names and
+    full shapes, no memory."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(hf_config)

@@ -17,6 +17,8 @@
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
 #   bash bench/gpu.sh floor   # issue 13 in one call: 7B bf16 dag/inproc/hf, tiny fp32 parity,
 #                             # 7B fp8 dag, decode-kernel sweep, 7B kv_reserve=1, Llama-3-8B dag/inproc
+#   bash bench/gpu.sh floor2  # the same runs' throughput rows alone: 7B bf16 dag/inproc/hf,
+#                             # 7B fp8 dag, Llama-3-8B dag/inproc (~8 min, fits one call)
 #   bash bench/gpu.sh structured  # issue 14: 7B shape (SmolLM2's vocabulary) unconstrained vs
 #                             # every request under bench.throughput's JSON schema; needs
 #                             # .tok_smollm2 (SmolLM2's tokenizer saved by save_pretrained) and
@@ -103,6 +105,11 @@ case $mode in
     thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
     ;;
+  floor2)  # the floor's throughput rows alone (~8 min): 7B bf16 dag/inproc/hf, 7B fp8 dag, 8B dag/inproc
+    thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
+    thru floor_7b_fp8 --num-prompts 512 --backends dag --engine-arg kv_cache_dtype=fp8
+    thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
+    ;;
   structured)
     thru structured_7b --num-prompts 512 --backends dag --structured json --tokenizer .tok_smollm2
     ;;
@@ -122,6 +129,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

@@ -109,6 +109,10 @@ case $mode in
     thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
     thru floor_7b_fp8 --num-prompts 512 --backends dag --engine-arg kv_cache_dtype=fp8
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
+    # where a mixed step's time goes: one 8,192-token prefill (32 x 256), eager, per op
+    run prefill_profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
+      --batch-size 32 --input-len 256 --phase prefill --steps 1 --max-num-batched-tokens 8192 \
+      --trace /tmp/prefill_trace.json --top 30
     ;;
   structured)
     thru structured_7b --num-prompts 512 --backends dag --structured json --tokenizer .tok_smollm2

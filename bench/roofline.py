@@ -134,6 +134,71 @@ def floor(shape: Shape, gpu: GPU, tp: int, num_prompts: int, input_len: int, out
                                            / max(1, waves * (output_len - 1)), 2))
 
 
+def floor_requests(shape: Shape, gpu: GPU, tp: int, input_lens: list[int],
+                   output_lens: list[int], max_num_seqs: int = 512, kv_bytes: int = 2,
+                   memory_utilization: float = 0.9, activation_gb: float = 4.0) -> dict:
+    """The counted floor of a run whose requests differ in length (nano-vllm's workload).
+
+    Requests are admitted in order, continuously, while ``max_num_seqs`` and the KV cache
+    (each admitted request holding its whole input + output) allow; every step each running
+    request decodes one token and takes the longer of its reads (the rank's weights plus the
+    running requests' KV) and its matmuls, as ``floor`` counts a step."""
+    if len(input_lens) != len(output_lens) or not input_lens:
+        raise ValueError("input_lens, output_lens: one length each per request, at least one")
+    weight_bytes = 2 * shape.params / tp
+    kv_per_token = 2 * shape.layers * max(1, shape.kv_heads // tp) * shape.head_dim * kv_bytes
+    free = gpu.hbm_gb * 1e9 * memory_utilization - weight_bytes - activation_gb * 1e9
+    capacity = int(free // kv_per_token) if free > 0 else 0
+    if capacity < max(i + o for i, o in zip(input_lens, output_lens)):
+        raise ValueError(f"tp: the longest request does not fit {tp} x {gpu.name}'s KV cache")
+    tflops, bw = gpu.bf16_tflops * 1e12, gpu.hbm_tbps * 1e12
+    attn = 2 * 2 * shape.layers * shape.heads * shape.head_dim  # FLOP per (query, key) pair
+    prefill_s = sum(2 * shape.params * n + attn * n * n / 2 for n in input_lens) / tp / tflops
+    waiting = list(range(len(input_lens)))[::-1]
+    running: dict[int, int] = {}  # request -> context length now
+    left: dict[int, int] = {}  # request -> decode steps still to run
+    held = steps = peak = 0
+    decode_s = kv_read = 0.0
+    while waiting or running:
+        while waiting and len(running) < max_num_seqs:
+            r = waiting[-1]
+            need = input_lens[r] + output_lens[r]
+            if held + need > capacity and running:
+                break
+            waiting.pop()
+            held += need
+            # the first output token comes from the prefill; decoding it attends to input + 1
+            running[r], left[r] = input_lens[r] + 1, output_lens[r] - 1
+        for r in [r for r, k in left.items() if k <= 0]:
+            held -= input_lens[r] + output_lens[r]
+            del running[r], left[r]
+        if not running:
+            continue
+        ctx = sum(running.values())
+        kv = ctx * kv_per_token
+        kv_read += kv
+        mem = (weight_bytes + kv) / bw
+        compute = (len(running) * 2 * shape.params + attn * ctx) / tp / tflops
+        decode_s += max(mem, compute)
+        steps += 1
+        peak = max(peak, len(running))
+        for r in running:
+            running[r] += 1
+            left[r] -= 1
+    tokens = sum(input_lens) + sum(output_lens)
+    out = sum(output_lens)
+    total_s = prefill_s + decode_s
+    return dict(gpu=gpu.name, tp=tp, params_b=round(shape.params / 1e9, 3),
+                weight_gb_per_rank=round(weight_bytes / 1e9, 2),
+                kv_kib_per_token_per_rank=round(kv_per_token / 1024, 1),
+                concurrent=peak, decode_steps=steps, kv_read_tb_per_rank=round(kv_read / 1e12, 2),
+                kv_read_gb_per_rank=round(kv_read / 1e9, 3),
+                prefill_s=round(prefill_s, 3), decode_s=round(decode_s, 3),
+                floor_s=round(total_s, 3), floor_total_tok_s=round(tokens / total_s, 1),
+                floor_output_tok_s=round(out / total_s, 1),
+                floor_decode_step_ms=round(1e3 * decode_s / max(1, steps), 2))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama2-7b", help="a preset or a model directory")
@@ -144,6 +209,10 @@ def main(argv=None) -> dict:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    p.add_argument("--nano-vllm", action="store_true",
+                   help="the lengths of nano-vllm's workload (bench.throughput --nano-vllm: "
+                        "in and out uniform in 100..1024, seeded) instead of --input-len/--output-len")
+    p.add_argument("--seed", type=int, default=0, help="with --nano-vllm: the workload's seed")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     for name in ("tp", "num_prompts", "input_len", "output_len", "max_num_seqs"):
@@ -151,13 +220,23 @@ def main(argv=None) -> dict:
             p.error(f"--{name.replace('_', '-')}: must be >= 1")
     try:
         shape = shape_of(args.model)
-        row = floor(shape, GPUS[args.gpu], args.tp, args.num_prompts, args.input_len,
-                    args.output_len, args.max_num_seqs, 1 if args.kv_cache_dtype == "fp8" else 2)
+        kv_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
+        if args.nano_vllm:
+            from bench.throughput import make_workload
+
+            work = make_workload(argparse.Namespace(num_prompts=args.num_prompts, seed=args.seed,
+                                                    nano_vllm=True), shape.vocab)
+            row = floor_requests(shape, GPUS[args.gpu], args.tp, [len(q) for q in work.prompts],
+                                 work.output_lens, args.max_num_seqs, kv_bytes)
+        else:
+            row = floor(shape, GPUS[args.gpu], args.tp, args.num_prompts, args.input_len,
+                        args.output_len, args.max_num_seqs, kv_bytes)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
+    lens = dict(nano_vllm=True, seed=args.seed) if args.nano_vllm else dict(
+        input_len=args.input_len, output_len=args.output_len)
     row = dict(model=args.model, kv_cache_dtype=args.kv_cache_dtype,
-               num_prompts=args.num_prompts, input_len=args.input_len,
-               output_len=args.output_len, **row, shape=asdict(shape), rates=asdict(GPUS[args.gpu]))
+               num_prompts=args.num_prompts, **lens, **row, shape=asdict(shape), rates=asdict(GPUS[args.gpu]))
     from bench.throughput import emit_json
 
     return emit_json(row, args.json_out)

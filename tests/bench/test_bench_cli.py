@@ -146,3 +146,28 @@ def test_roofline_counts_llama2_and_replicates_kv_heads(capsys):
     assert h100["concurrent"] < 512 and h100["waves"] >= 2
     with pytest.raises(ValueError, match="do not fit"):
         roofline.floor(roofline.shape_of("llama2-70b"), roofline.GPUS["h100"], 1, 8, 8, 8)
+
+
+def test_roofline_of_requests_of_differing_lengths():
+    from bench import roofline
+
+    shape, h200 = roofline.shape_of("llama2-7b"), roofline.GPUS["h200"]
+    # Uniform lengths that fit at once: the same count as the uniform floor.
+    same = roofline.floor(shape, h200, 1, 256, 256, 256)
+    each = roofline.floor_requests(shape, h200, 1, [256] * 256, [256] * 256)
+    assert same["waves"] == 1
+    for key in ("prefill_s", "decode_s", "decode_steps", "kv_read_tb_per_rank", "floor_total_tok_s"):
+        assert each[key] == pytest.approx(same[key], rel=1e-3), key
+    # Two requests, one finishing early: the long one decodes alone after it.
+    two = roofline.floor_requests(shape, h200, 1, [100, 10], [3, 6])
+    assert two["decode_steps"] == 5 and two["concurrent"] == 2
+    kv = 2 * 32 * 32 * 128 * 2
+    read = (101 + 11 + 102 + 12 + 13 + 14 + 15) * kv  # contexts at each of the 5 steps
+    assert two["kv_read_gb_per_rank"] == round(read / 1e9, 3) > 0
+    # max_num_seqs=1 runs them one after the other: 2 + 5 steps.
+    assert roofline.floor_requests(shape, h200, 1, [100, 10], [3, 6], max_num_seqs=1)[
+        "decode_steps"] == 7
+    # nano-vllm's lengths through the CLI: 256 requests, in and out within 100..1024.
+    row = roofline.main(["--model", "qwen3-0.6b", "--num-prompts", "256", "--nano-vllm"])
+    assert row["nano_vllm"] and row["concurrent"] == 256 and 100 <= row["decode_steps"] <= 1023
+    assert row["floor_output_tok_s"] < row["floor_total_tok_s"]

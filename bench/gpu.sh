@@ -124,6 +124,9 @@ case $mode in
   nano)
     thru qwen3_06b_nano --model qwen3-0.6b --nano-vllm --num-prompts 256 --backends dag,hf \
       --hf-batch-size 256 --max-model-len 4096 --max-num-batched-tokens 16384
+    # where a decode step of that run goes (batch 256, ~800 tokens of context), per op
+    run nano_profile python3 -m bench.profile --device cuda --model qwen3-0.6b --load-format dummy \
+      --batch-size 256 --input-len 768 --steps 3 --trace /tmp/nano_trace.json --top 25
     ;;
   kernels)
     run kernels python3 -m bench.check_kernels --dtypes bfloat16 --skip-bandwidth

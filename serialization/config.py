@@ -14,6 +14,7 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     model: str
+    hf_config: bytes = b""  # the engine's HF config as JSON (ranks then skip transformers)
     tokenizer: str = ""  # structured outputs compile against it ("": the model's own)
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     dtype: str = "float32"  # float32 | bfloat16 | float16

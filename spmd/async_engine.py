@@ -33,6 +33,7 @@ from spmd.outputs import RequestOutput
 from spmd.pooling import EmbeddingRequestOutput, PoolingOutputs, PoolingParams
 from spmd.sampling_params import SamplingParams
 from spmd.tokenizer import TokenizerThreads
+from workers.model_loader import config_json
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class AsyncEngine:
         def on_dead(reason):
             self._on_dead(client, reason)
 
-        client = CoreClient(self.config, on_step, on_dead)
+        client = CoreClient(self.config, on_step, on_dead,
+                            hf_config=config_json(self.inputs.info.hf_config))
         return client
 
     def _inbox(self) -> LoopInbox:

@@ -50,7 +50,9 @@ class EngineDeadError(RuntimeError):
 
 class CoreClient:
     def __init__(self, config: EngineConfig, on_step: Callable[[StepOutputs], None],
-                 on_dead: Callable[[str], None]):
+                 on_dead: Callable[[str], None], hf_config: bytes = b""):
+        """``hf_config``: the model's ``config_json`` as the frontend read it, so that the
+        core process (and its ranks) need not read it again through transformers."""
         ensure_ray(config)
         self.config = config
         self.heartbeat_timeout_s = config.parallel.core_heartbeat_timeout_s
@@ -77,7 +79,7 @@ class CoreClient:
             name=f"spmd-engine-core-{os.path.basename(self._dir)}",  # findable for operators
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),  # ipc: same node
         ).remote(config, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out",
-                 config.parallel.core_heartbeat_interval_s)
+                 config.parallel.core_heartbeat_interval_s, hf_config)
         try:
             self.info = ray.get(self.actor.ready.remote(),
                                 timeout=config.parallel.start_timeout_s + 60)

@@ -31,6 +31,7 @@ from serialization import (
 )
 from spmd.config import EngineConfig
 from spmd.engine_core import EngineCore
+from spmd.input_processor import ModelInfo
 from spmd.lora import LoRAInUseError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ _LORA_CALLS = ("add_lora", "remove_lora", "list_loras")  # EngineCore methods, r
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str,
-                 heartbeat_interval_s: float):
-        self.core = EngineCore(config)
+                 heartbeat_interval_s: float, hf_config: bytes = b""):
+        self.core = EngineCore(config, ModelInfo(config, hf_config))
         self.heartbeat_interval_s = heartbeat_interval_s
         self._ctx = zmq.Context()
         self._input = self._ctx.socket(zmq.PULL)
@@ -188,8 +189,9 @@ class EngineCoreActor:
     """Hosts ``EngineCoreProc``; its methods run beside the loop thread."""
 
     def __init__(self, config: EngineConfig, input_addr: str, output_addr: str,
-                 heartbeat_interval_s: float):
-        self.proc = EngineCoreProc(config, input_addr, output_addr, heartbeat_interval_s)
+                 heartbeat_interval_s: float, hf_config: bytes = b""):
+        self.proc = EngineCoreProc(config, input_addr, output_addr, heartbeat_interval_s,
+                                   hf_config)
         self.thread = threading.Thread(target=self.proc.run, name="spmd-core-loop", daemon=True)
         self.thread.start()
 

@@ -53,6 +53,7 @@ from spmd.scheduler import Scheduler
 from spmd.static_scheduler import StaticBatchScheduler
 from spmd.step_encoder import to_message
 from workers import worker_class
+from workers.model_loader import config_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class EngineCore:
         self.task = config.task
         self.hf_config = self.info.hf_config
         self.max_model_len = self.info.max_model_len
-        self.rank_config = config.rank_config(self.max_model_len)
+        # The ranks build their shards from the config read here: none imports transformers.
+        self.rank_config = msgspec.structs.replace(config.rank_config(self.max_model_len),
+                                                   hf_config=config_json(self.hf_config))
         if self.task == "embed":
             self.rank_config = msgspec.structs.replace(self.rank_config,
                                                        pooling=self.info.pooler.pooling)

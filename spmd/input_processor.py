@@ -13,7 +13,7 @@ from spmd.config import EngineConfig, resolve_model
 from spmd.pooling import PoolerInfo, PoolingParams
 from spmd.sampling_params import SamplingParams
 from spmd.structured_outputs import guided_spec
-from workers.model_loader import load_hf_config, validate_tp
+from workers.model_loader import config_from_json, load_hf_config, validate_tp
 from workers.models import get_model_class
 
 
@@ -21,9 +21,12 @@ class ModelInfo:
     """What both the frontend and the core derive from the model's config alone,
     including the task when the config leaves it to the model (``task="auto"``)."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, hf_config: bytes = b""):
+        """``hf_config``: the model's config as the frontend read it (``config_json``);
+        the engine core then reads nothing and imports no transformers."""
         self.model_path = resolve_model(config.model.model)
-        self.hf_config = load_hf_config(self.model_path)
+        self.hf_config = (config_from_json(hf_config) if hf_config
+                          else load_hf_config(self.model_path))
         # An unknown architecture is a ValueError here, before any actor starts.
         model_cls = get_model_class(self.hf_config)
         validate_tp(self.hf_config, config.parallel.tensor_parallel_size)
@@ -31,7 +34,7 @@ class ModelInfo:
         self.task = config.task if config.task != "auto" else (
             "embed" if self.is_encoder else "generate")
         if self.is_encoder and self.task != "embed":
-            raise ValueError(f"task: {type(self.hf_config).__name__} is an encoder-only model; "
+            raise ValueError(f"task: {model_cls.__name__} is an encoder-only model; "
                              "it serves task='embed' (embeddings), not text generation")
         self.pooler: PoolerInfo | None = None
         limit = None

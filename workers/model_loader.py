@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import types
 import zlib
 from collections.abc import Iterator
 
@@ -36,6 +37,39 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
     if ggufs:
         raise ValueError(f"model: directory {model!r} holds several .gguf files {ggufs}; name one")
     raise ValueError(f"model: directory {model!r} has neither config.json nor a .gguf file")
+
+
+class ConfigView(types.SimpleNamespace):
+    """A model's HF config as plain attributes, as the engine read it (``config_json``).
+    A rank builds its shard from it without importing transformers, which took ~3.5 s of
+    each rank's start (its lazy-module scan and the config class's imports); what needs a
+    real config (transformers' meta model, for dummy weights' names) gets one from
+    ``as_pretrained``."""
+
+
+def config_json(hf_config) -> bytes:
+    """The config for ``ConfigView``: every serialised field, plus the class's attribute
+    aliases (``attribute_map``: Qwen3-MoE's ``num_experts``, say) resolved."""
+    if isinstance(hf_config, ConfigView):
+        return json.dumps(vars(hf_config)).encode()
+    fields = json.loads(hf_config.to_json_string(use_diff=False))
+    for alias in getattr(hf_config, "attribute_map", None) or {}:
+        fields.setdefault(alias, getattr(hf_config, alias, None))
+    return json.dumps(fields).encode()
+
+
+def config_from_json(data: bytes) -> ConfigView:
+    return ConfigView(**json.loads(data))
+
+
+def as_pretrained(hf_config):
+    """A transformers config for ``hf_config`` (a ``ConfigView`` is rebuilt as its class)."""
+    if not isinstance(hf_config, ConfigView):
+        return hf_config
+    from transformers import AutoConfig
+
+    fields = dict(vars(hf_config))
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def load_hf_config(model: str):
@@ -178,13 +212,15 @@ def validate_tp(hf_config, tp_size: int) -> None:
 
 
 def load_model(model: str, load_format: str, dtype: torch.dtype, tp_rank: int, tp_size: int,
-               seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
+               seed: int = 0, device: torch.device | str = "cpu",
+               hf_config: bytes = b"") -> nn.Module:
     """This rank's shard, in eval mode, without gradients, built directly on ``device``
-    (checkpoint tensors are read on the CPU and copied into place)."""
+    (checkpoint tensors are read on the CPU and copied into place). ``hf_config``: the
+    engine's ``config_json`` of the model (empty: read it here, through transformers)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format: {load_format!r} is not one of {LOAD_FORMATS}")
     folder, gguf_file = resolve_model_path(model)
-    hf_config = load_hf_config(model)
+    hf_config = config_from_json(hf_config) if hf_config else load_hf_config(model)
     validate_tp(hf_config, tp_size)
     model_cls = get_model_class(hf_config)
     if load_format == "auto":
@@ -339,4 +375,4 @@ def _hf_names_only(hf_config, auto_class: str = "AutoModelForCausalLM") -> nn.Mo
     import transformers
 
     with torch.device("meta"):
-        return getattr(transformers, auto_class).from_config(hf_config)
+        return getattr(transformers, auto_class).from_config(as_pretrained(hf_config))

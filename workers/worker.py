@@ -64,7 +64,8 @@ class Worker:
         self.dtype = _DTYPES[config.dtype]
         self.init_device()
         self.model = load_model(config.model, config.load_format, self.dtype, tp_rank,
-                                config.tp_size, seed=config.seed, device=self.device)
+                                config.tp_size, seed=config.seed, device=self.device,
+                                hf_config=config.hf_config)
         self.lora = None  # adapters and device slots, when the engine serves LoRA
         if config.max_loras:
             self.lora = RankLoRA(self.model, self.model.config, max_loras=config.max_loras,

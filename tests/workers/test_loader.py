@@ -256,3 +256,41 @@ def test_moe_checkpoints_load_per_expert_or_fused_and_name_a_missing_expert(tiny
     with pytest.raises(ValueError, match=r"lacks 1 weights, e.g. \['model.layers.1.mlp.experts.2"
                                          r".up_proj.weight'\]"):
         load_model(str(tmp_path / "missing"), "auto", torch.float32, 0, 1)
+
+
+@pytest.mark.parametrize("variant,load_format", [("qwen3_moe", "safetensors"),
+                                                 ("mixtral", "safetensors"),
+                                                 ("llama3_rope", "dummy")])
+def test_a_rank_builds_from_the_engines_config_without_transformers(tiny_dir, variant,
+                                                                    load_format, tmp_path):
+    """The engine sends its config (``config_json``): the rank builds the same shard from
+    it, aliases (Qwen3-MoE's ``num_experts``) and rope settings included, and its process
+    never imports transformers for a checkpoint (dummy weights still borrow its names)."""
+    import subprocess
+    import sys
+
+    from workers.model_loader import ConfigView, as_pretrained, config_from_json, config_json
+
+    path = tiny_dir(variant)
+    hf_config = load_hf_config(path)
+    data = config_json(hf_config)
+    view = config_from_json(data)
+    assert isinstance(view, ConfigView) and view.num_hidden_layers == hf_config.num_hidden_layers
+    assert type(as_pretrained(view)) is type(hf_config)
+    assert as_pretrained(view).to_dict() == hf_config.to_dict()
+    for rank in (0, 1):
+        here = load_model(path, load_format, torch.float32, rank, 2, seed=1)
+        sent = load_model(path, load_format, torch.float32, rank, 2, seed=1, hf_config=data)
+        a, b = here.state_dict(), sent.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if load_format == "dummy":
+        return
+    (tmp_path / "config.json").write_bytes(data)
+    code = ("import sys, torch; from workers.model_loader import load_model; "
+            f"m = load_model({path!r}, 'safetensors', torch.float32, 1, 2, "
+            f"hf_config=open({str(tmp_path / 'config.json')!r}, 'rb').read()); "
+            "print(sum(p.numel() for p in m.parameters()), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    numel, imported = out.stdout.split()
+    assert int(numel) == sum(p.numel() for p in sent.parameters()) and imported == "False"

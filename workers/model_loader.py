@@ -322,9 +322,9 @@ def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype,
     tensor-name map rebuilt per submodule): 9-20 s for SmolLM2 on a 2-core host, against
     ~1.5 s here, nearly all of it dequantisation.
 
-    Names: ``gguf``'s tensor-name map of the architecture, applied to the HF model's
-    parameter names (the GGUF names of tensors nobody reads, such as ``rope_freqs``, are
-    skipped, as transformers does). llama.cpp stores a Llama's q and k projection rows
+    Names: ``gguf``'s tensor-name map of the architecture, applied to the parameter names
+    a HF dense decoder of these families can have (``_dense_hf_names``; the GGUF names of
+    tensors nobody reads, such as ``rope_freqs``, are skipped, as transformers does). llama.cpp stores a Llama's q and k projection rows
     with each head's two rotary halves interleaved; they are put back here."""
     import mmap
 
@@ -336,7 +336,7 @@ def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype,
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
     name_map = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
     hf_name_of = {}
-    for hf_name in _hf_names_only(hf_config).state_dict():
+    for hf_name in _dense_hf_names(hf_config.num_hidden_layers):
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = name_map.get_name(base)
         if gguf_name is not None:
@@ -360,6 +360,21 @@ def _iter_gguf_native(path: str, hf_config, dtype: torch.dtype,
             if arch_name == "llama" and (".attn_q." in name or ".attn_k." in name):
                 tensor = _deinterleave_rotary(tensor, heads if ".attn_q." in name else kv_heads)
             yield hf_name, tensor.to(dtype)
+
+
+_DENSE_LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                        "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                        "post_attention_layernorm")
+
+
+def _dense_hf_names(num_layers: int) -> list[str]:
+    """Every parameter name a transformers Llama, Qwen2 or Qwen3 decoder can have (biases
+    and q/k norms included): a GGUF's tensors are matched against these, so a rank reads
+    one without building transformers' model (or importing it)."""
+    bases = ["model.embed_tokens", "model.norm", "lm_head"] + [
+        f"model.layers.{i}.{m}" for i in range(num_layers) for m in _DENSE_LAYER_MODULES]
+    return [f"{b}.{kind}" for b in bases for kind in ("weight", "bias")]
 
 
 def _deinterleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:

@@ -260,6 +260,7 @@ def test_moe_checkpoints_load_per_expert_or_fused_and_name_a_missing_expert(tiny
 
 @pytest.mark.parametrize("variant,load_format", [("qwen3_moe", "safetensors"),
                                                  ("mixtral", "safetensors"),
+                                                 ("qwen3", "gguf"),
                                                  ("llama3_rope", "dummy")])
 def test_a_rank_builds_from_the_engines_config_without_transformers(tiny_dir, variant,
                                                                     load_format, tmp_path):
@@ -272,6 +273,10 @@ def test_a_rank_builds_from_the_engines_config_without_transformers(tiny_dir, va
     from workers.model_loader import ConfigView, as_pretrained, config_from_json, config_json
 
     path = tiny_dir(variant)
+    if load_format == "gguf":  # a dense GGUF is read without transformers' GGUF loader too
+        from gguf_writer import write_gguf
+
+        path = write_gguf(path, str(tmp_path / f"{variant}.gguf"))
     hf_config = load_hf_config(path)
     data = config_json(hf_config)
     view = config_from_json(data)
@@ -285,10 +290,10 @@ def test_a_rank_builds_from_the_engines_config_without_transformers(tiny_dir, va
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if load_format == "dummy":
         return
-    (tmp_path / "config.json").write_bytes(data)
+    (tmp_path / "sent.json").write_bytes(data)
     code = ("import sys, torch; from workers.model_loader import load_model; "
-            f"m = load_model({path!r}, 'safetensors', torch.float32, 1, 2, "
-            f"hf_config=open({str(tmp_path / 'config.json')!r}, 'rb').read()); "
+            f"m = load_model({path!r}, {load_format!r}, torch.float32, 1, 2, "
+            f"hf_config=open({str(tmp_path / 'sent.json')!r}, 'rb').read()); "
             "print(sum(p.numel() for p in m.parameters()), 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))

@@ -105,6 +105,7 @@ class AsyncEngine:
         self._next_lora_id = 1
         self._inboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> LoopInbox
         self._inbox_lock = threading.Lock()
+        self.inputs.prepare_grammar_vocab()  # while the core starts: not on a first request
         self.client = self._start_client()
 
     def _start_client(self) -> CoreClient:

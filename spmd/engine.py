@@ -33,6 +33,8 @@ class Engine:
         self.inputs = InputProcessor(config)
         self.config = config = config.with_task(self.inputs.info.task)
         self.tokenizer = self.inputs.tokenizer
+        if config.parallel.backend != "inproc":  # the ranks load in their own processes
+            self.inputs.prepare_grammar_vocab()
         self.core = EngineCore(config, self.inputs.info)
         self.outputs = OutputProcessor(self.tokenizer, stream=stream_outputs)
         self.pooling_outputs = (PoolingOutputs(self.inputs.info.pooler)

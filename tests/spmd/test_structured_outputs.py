@@ -249,6 +249,10 @@ def _tiny_run(path, tp, **kwargs):
     llm = LLM(path, tensor_parallel_size=tp, max_model_len=128, max_num_batched_tokens=64,
               **kwargs)
     try:
+        # The vocabulary the ranks compile against was built while they loaded, not by
+        # the first constrained request.
+        llm.engine.inputs.grammar_thread.join(60)
+        assert llm.engine.inputs._grammar_vocab
         outs = llm.generate(TINY_PROMPTS, _tiny_params(), use_tqdm=False)
         preemptions = llm.engine.core.stats_total["preemptions"]
         assert llm.engine.call_all("num_live_requests") == [0] * tp

@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- module ranges ---------------------------------------------------------------------
 
 class _RangedCall:
-    """A callable run inside a ``record_function`` range (for the sampler, not a module)."""
+    """The sampler (not a module), its calls and its methods' run inside a
+    ``record_function`` range."""
 
     def __init__(self, name: str, fn):
         self.name, self.fn = name, fn
@@ -107,6 +108,10 @@ class _RangedCall:
     def __call__(self, *args, **kwargs):
         with record_function(self.name):
             return self.fn(*args, **kwargs)
+
+    def __getattr__(self, attr: str):
+        method = getattr(self.fn, attr)
+        return _RangedCall(self.name, method) if callable(method) else method
 
 
 class ModuleRanges:

@@ -69,6 +69,14 @@ def uses_filters(options: SamplingOptions) -> bool:
 class Sampler:
     """Samples one token per row of ``logits`` (float32 ``[B, V]``, full vocabulary)."""
 
+    def greedy(self, logits: torch.Tensor,
+               bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SampleResult:
+        """What ``__call__`` returns when every row is greedy with no penalties and no
+        log-probs, without the per-row records."""
+        if bitmask is not None:
+            apply_bitmask(logits, *bitmask)
+        return SampleResult(logits.argmax(dim=-1), None, None, None)
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SampleResult:
         """``bitmask``: ``(int32 [B, ceil(V / 32)] allowed-token bits, the constrained rows)``

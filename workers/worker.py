@@ -397,6 +397,8 @@ class Worker:
         if self.grammars is not None and len(self.grammars):
             self._accept_guided()
             bitmask = self.grammars.bitmask(self._sample_seq_ids(inputs))
+        if self.batch.plain_greedy[inputs.rows[inputs.sample_idx]].all():
+            return self.sampler.greedy(logits, bitmask)
         return self.sampler(logits, self._sampling_rows(inputs), bitmask)
 
     def _accept_guided(self) -> None:

@@ -171,3 +171,20 @@ def test_roofline_of_requests_of_differing_lengths():
     row = roofline.main(["--model", "qwen3-0.6b", "--num-prompts", "256", "--nano-vllm"])
     assert row["nano_vllm"] and row["concurrent"] == 256 and 100 <= row["decode_steps"] <= 1023
     assert row["floor_output_tok_s"] < row["floor_total_tok_s"]
+
+
+def test_rank_host_times_each_part_of_a_decode_step(capsys):
+    from bench import rank_host
+
+    record = rank_host.main(["--model", "tiny", "--batch-size", "4", "--input-len", "8",
+                             "--steps", "6"])
+    out, printed = _printed_record(capsys)
+    assert printed == record and "rank host time per decode step at batch 4" in out
+    parts = record["parts_ms"]
+    assert set(parts) == {"validate", "apply", "prepare", "tensors", "forward", "sample",
+                          "commit", "output", "step", "host"}
+    assert all(v > 0 for v in parts.values())
+    # The step holds its parts; host is the step less the forward.
+    assert parts["forward"] < parts["step"] and parts["host"] < parts["step"]
+    assert record["command"] == ("python -m bench.rank_host --model tiny --batch-size 4 "
+                                 "--input-len 8 --steps 6")

@@ -410,8 +410,7 @@ class Worker:
             self.grammars.accept(seq_ids, tokens)
 
     def _sample_seq_ids(self, inputs: StepInputs) -> list[int]:
-        states = self.batch.row_states
-        return [states[r].seq_id for r in inputs.rows[inputs.sample_idx].tolist()]
+        return self.batch.seq_id[inputs.rows[inputs.sample_idx]].tolist()
 
     def _commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
         """Appends the sampled tokens; constrained sequences' grammars advance by them."""
@@ -485,10 +484,11 @@ class Worker:
     def _output(self, step_id: int, inputs: StepInputs, result: SampleResult,
                 sampled: np.ndarray, model_time_s: float, rank_time_s: float,
                 idle_s: float = 0.0) -> SamplerOutput:
-        states = [self.batch.row_states[r] for r in inputs.rows[inputs.sample_idx].tolist()]
-        seq_ids = np.array([s.seq_id for s in states], dtype=np.int32)
+        rows = inputs.rows[inputs.sample_idx]
+        seq_ids = self.batch.seq_id[rows]
         fields = {}
         if result.sampled_logprobs is not None:
+            states = [self.batch.row_states[r] for r in rows.tolist()]
             idx = np.flatnonzero([s.sampling.logprobs >= 0 for s in states])
             k = max(states[i].sampling.logprobs for i in idx.tolist())
             fields = dict(

@@ -6,7 +6,8 @@
 The engine runs with ``backend="inproc"``, so the rank's model lives in this
 process. A batch of ``--batch-size`` random prompts is prefilled and decoded for
 ``--warmup-steps`` outside the profiler; then ``--steps`` decode steps (and/or
-the prefill of a fresh batch, ``--phase``) run under ``torch.profiler`` with
+the prefill of a fresh batch, or one mixed step where ``--mixed-prompts`` new
+prompts prefill beside the decoding batch, ``--phase``) run under ``torch.profiler`` with
 input shapes recorded; on a GPU eagerly, unless ``--cuda-graphs``. While
 profiling, forward pre/post hooks on every module open and close a
 ``record_function`` range named for the module's path (the Chrome trace shows
@@ -64,13 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the trace but in no table row. Default: eager, so every module is attributed")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoding together")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
-    p.add_argument("--phase", default="decode", choices=("decode", "prefill", "both"),
-                   help="profile decode steps, the prefill of a fresh batch, or both (one after the other)")
+    p.add_argument("--phase", default="decode", choices=("decode", "prefill", "both", "mixed"),
+                   help="profile decode steps, the prefill of a fresh batch, both (one after the "
+                        "other), or one mixed step (--mixed-prompts prefilling beside the batch)")
     p.add_argument("--warmup-steps", type=int, default=3, help="decode steps run before profiling")
     p.add_argument("--steps", type=int, default=5, help="decode steps profiled")
     p.add_argument("--trace", default=os.path.join(os.path.dirname(__file__), "out", "profile_trace.json"),
                    help="Chrome trace (chrome://tracing, Perfetto); default under bench/out/ (not tracked)")
     p.add_argument("--top", type=int, default=20, help="rows of the op table (spmd:: ops always shown)")
+    p.add_argument("--mixed-prompts", type=int, default=0,
+                   help="--phase mixed: new prompts of --input-len tokens prefilled in one step "
+                        "beside the --batch-size decoding requests")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="default: batch size x input length, so that the prefill is one step")
@@ -87,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "input_len", "steps", "top"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1")
+    if args.phase == "mixed" and args.mixed_prompts < 1:
+        p.error("--phase mixed: needs --mixed-prompts >= 1")
+    if args.phase == "mixed" and args.steps != 1:
+        p.error("--phase mixed: profiles one step; --steps must be 1")
     if args.warmup_steps < 0:
         p.error("--warmup-steps: must be >= 0")
     if args.cuda_graphs and args.device != "cuda":
@@ -169,15 +178,16 @@ def build_engine(model_path: str, args):
     device_options = dict(enforce_eager=not args.cuda_graphs) if args.device == "cuda" else {}
     config = EngineConfig.from_kwargs(
         model=model_path, backend="inproc", load_format=args.load_format, dtype=args.dtype,
-        device=args.device, max_num_seqs=args.batch_size, max_model_len=args.max_model_len,
+        device=args.device, max_num_seqs=args.batch_size + args.mixed_prompts,
+        max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens or args.batch_size * args.input_len,
         num_threads_per_rank=args.num_threads_per_rank, seed=args.seed, skip_tokenizer_init=True,
         async_scheduling=False, **device_options)  # steps profiled one at a time
     return Engine(config, stream_outputs=False)
 
 
-def add_batch(engine, args, first_id: int, seed: int) -> list[str]:
-    """``--batch-size`` random prompts that decode past every step this program runs."""
+def add_batch(engine, args, first_id: int, seed: int, count: int | None = None) -> list[str]:
+    """``count`` (``--batch-size``) random prompts that decode past every step this program runs."""
     from spmd import SamplingParams
 
     max_tokens = args.warmup_steps + args.steps + 2
@@ -186,7 +196,7 @@ def add_batch(engine, args, first_id: int, seed: int) -> list[str]:
                          f"max_model_len={engine.max_model_len}; lower --input-len or --steps")
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens, detokenize=False)
-    ids = [str(first_id + i) for i in range(args.batch_size)]
+    ids = [str(first_id + i) for i in range(args.batch_size if count is None else count)]
     for request_id in ids:
         prompt = rng.integers(0, engine.hf_config.vocab_size, args.input_len).tolist()
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
@@ -409,6 +419,11 @@ def main(argv=None) -> dict:
         for phase in phases:
             if phase == "decode":
                 run = lambda: run_decode(engine, args.steps)  # noqa: E731
+            elif phase == "mixed":
+                # New prompts beside the decoding batch: one step prefills them (as far as
+                # --max-num-batched-tokens allows) and decodes the batch.
+                add_batch(engine, args, len(batch), args.seed + 1, args.mixed_prompts)
+                run = lambda: run_decode(engine, 1)  # noqa: E731
             else:
                 # A fresh batch alone: finish the running one, then profile the new prompts' prefill.
                 for request_id in batch:

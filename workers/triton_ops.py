@@ -398,13 +398,14 @@ def _prefill_kernel(q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_star
                     HD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                     DOT16: tl.constexpr):
-    """Causal flash attention of BLOCK_M queries of one (sequence, head) over its paged context."""
+    """Causal flash attention of BLOCK_M queries of one (sequence, head) over its paged context;
+    single-query sequences are left to the decode kernel."""
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
+    if (q_len == 1) | (m_block * BLOCK_M >= q_len):
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_head = head // GROUP
@@ -515,10 +516,13 @@ def paged_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, seq_lens:
     # (sm_89+) and exact, and bf16 queries (|q| far below 65504) fit fp16.
     dot16 = fp8 and q.dtype == torch.bfloat16
     precision = _dot_precision(q.dtype)
+    # Single-query rows (decodes, also beside prefills in a mixed step) go to the decode
+    # kernel, which splits long contexts and takes a kv head's query heads together; the
+    # prefill kernel's 128-query tile would spend 127 of its rows on nothing for them.
+    _launch_decode(q, kv_cache, block_tables, seq_lens, query_start_loc, out, max_seq_len,
+                   scale, common, group, hd_pad, precision, fp8, dot16, partition_size,
+                   decode_config)
     if max_query_len == 1:
-        _launch_decode(q, kv_cache, block_tables, seq_lens, query_start_loc, out, max_seq_len,
-                       scale, common, group, hd_pad, precision, fp8, dot16, partition_size,
-                       decode_config)
         return out
     # Tiles that compile without register spills for head_dim 128 on sm_90.
     if q.dtype == torch.float32:

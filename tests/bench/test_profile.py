@@ -62,6 +62,23 @@ def test_profile_tables_and_traces_on_a_tiny_llama(tiny_dir, tmp_path):
         assert "spmd::paged_attention" in event_names and "engine.step" in event_names
 
 
+@pytest.mark.slow
+def test_profile_mixed_phase_prefills_new_prompts_beside_the_decoding_batch(tiny_dir, tmp_path):
+    from bench import profile
+
+    record = profile.main(["--model", tiny_dir("llama"), "--phase", "mixed", "--batch-size", "3",
+                           "--mixed-prompts", "2", "--input-len", "16", "--warmup-steps", "1",
+                           "--steps", "1", "--num-threads-per-rank", "1",
+                           "--trace", str(tmp_path / "mixed.json")])
+    result = record["phases"]["mixed"]
+    assert result["steps"] == 1 and result["nesting_ok"]
+    # one step: 3 decode tokens and 2 x 16 prompt tokens, 5 sequences
+    shapes = [o["input_shapes"] for o in result["ops"] if o["name"] == "spmd::paged_attention"]
+    assert shapes and all(s.startswith("35x4x16, ") and ", 5x" in s for s in shapes), shapes
+    with pytest.raises(SystemExit):
+        profile.main(["--model", tiny_dir("llama"), "--phase", "mixed"])  # no --mixed-prompts
+
+
 def test_module_ranges_remove_their_hooks():
     from bench.profile import MODULE_PREFIX, ModuleRanges, aggregate_name
 

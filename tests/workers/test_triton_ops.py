@@ -209,6 +209,9 @@ def test_mixed_prefill_and_decode(interpreter, dtype):
     seqs = [(40, 40), (70, 5), (33, 1), (0, 0), (130, 45), (1, 1)]
     interpreter.run("_check_attention", seqs, 4, 2, 16, dtype, 8)
     interpreter.run("_check_attention", seqs[:3], 4, 4, 32, dtype, 9)
+    # The decode rows of a mixed step go to the decode kernel: long ones across partitions.
+    interpreter.run("_check_attention", [(300, 1), (130, 45), (70, 1), (0, 0), (1, 1)], 4, 2, 16,
+                    dtype, 12, None, 64)
 
 
 def test_prefill_large_head_dim(interpreter):

@@ -28,6 +28,7 @@
 #   bash bench/gpu.sh moe     # issue 15: spmd::fused_moe checked and timed (check_kernels
 #                             # --only-moe); Qwen3-30B-A3B 512 x 256/256 dag vs transformers
 #                             # (~8 min: transformers alone takes 5)
+#   bash bench/gpu.sh moe_profile  # issue 15: a Qwen3-30B-A3B decode step at batch 512, per op
 #   bash bench/gpu.sh nano    # issue 15: Qwen3-0.6B on nano-vllm's workload (256 seqs,
 #                             # 100..1024 in and out) dag vs transformers
 #   bash bench/gpu.sh fp8acc  # FP8 KV accuracy on the real SmolLM2 (bench/fp8_accuracy.py);
@@ -133,6 +134,11 @@ case $mode in
     run kernels_moe python3 -m bench.check_kernels --only-moe
     thru qwen3_30b_a3b --model qwen3-30b-a3b --num-prompts 512 --backends dag,hf --hf-batch-size 512
     ;;
+  moe_profile)  # where a Qwen3-30B-A3B decode step's 38 ms go (counted 17-23 ms), per op
+    run moe_decode_profile python3 -m bench.profile --device cuda --model qwen3-30b-a3b \
+      --load-format dummy --batch-size 512 --input-len 256 --steps 3 \
+      --max-num-batched-tokens 16384 --trace /tmp/moe_trace.json --top 30
+    ;;
   nano)
     thru qwen3_06b_nano --model qwen3-0.6b --nano-vllm --num-prompts 256 --backends dag,hf \
       --hf-batch-size 256 --max-model-len 4096 --max-num-batched-tokens 16384
@@ -148,6 +154,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | floor3 | structured | moe | nano | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | floor3 | structured | moe | moe_profile | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

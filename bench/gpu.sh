@@ -18,9 +18,8 @@
 #   bash bench/gpu.sh floor   # issue 13 in one call: 7B bf16 dag/inproc/hf, tiny fp32 parity,
 #                             # 7B fp8 dag, decode-kernel sweep, 7B kv_reserve=1, Llama-3-8B dag/inproc
 #   bash bench/gpu.sh floor2  # the same runs' throughput rows alone: 7B bf16 dag/inproc/hf,
-#                             # 7B fp8 dag, Llama-3-8B dag/inproc (~8 min, fits one call)
-#   bash bench/gpu.sh floor3  # floor2 with one mixed step (480 decodes + 30 prompts) profiled
-#                             # per op instead of a pure prefill
+#                             # 7B fp8 dag, Llama-3-8B dag/inproc, and one mixed step (480
+#                             # decodes + 30 prompts) profiled per op (~7 min, fits one call)
 #   bash bench/gpu.sh structured  # issue 14: 7B shape (SmolLM2's vocabulary) unconstrained vs
 #                             # every request under bench.throughput's JSON schema; needs
 #                             # .tok_smollm2 (SmolLM2's tokenizer saved by save_pretrained) and
@@ -108,17 +107,8 @@ case $mode in
     thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
     ;;
-  floor2)  # the floor's throughput rows alone (~8 min): 7B bf16 dag/inproc/hf, 7B fp8 dag, 8B dag/inproc
-    thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
-    thru floor_7b_fp8 --num-prompts 512 --backends dag --engine-arg kv_cache_dtype=fp8
-    thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
-    # where a mixed step's time goes: one 8,192-token prefill (32 x 256), eager, per op
-    run prefill_profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
-      --batch-size 32 --input-len 256 --phase prefill --steps 1 --max-num-batched-tokens 8192 \
-      --trace /tmp/prefill_trace.json --top 30
-    ;;
-  floor3)  # floor2 with a mixed step profiled instead of a pure prefill (~7 min): 7B bf16
-           # dag/inproc/hf, one mixed step per op, 7B fp8 dag, Llama-3-8B dag/inproc
+  floor2)  # the floor's throughput rows alone (~7 min): 7B bf16 dag/inproc/hf, one mixed
+           # step per op, 7B fp8 dag, Llama-3-8B dag/inproc
     thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
     # a mixed step as the run has them: 480 decoding (~260 tokens of context) + 30 prompts of 256
     run mixed_profile python3 -m bench.profile --device cuda --model llama2-7b --load-format dummy \
@@ -154,6 +144,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | floor3 | structured | moe | moe_profile | nano | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | structured | moe | moe_profile | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

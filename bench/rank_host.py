@@ -13,7 +13,6 @@ Prints a table and one JSON line (``--json-out`` also writes it).
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 import time
 
@@ -32,7 +31,8 @@ PARTS = (
 )
 
 
-def _timed(obj, name: str, samples: list[float]):
+def _timed(obj, name: str, label: str, steps: list[dict]):
+    """Wraps ``obj.name`` to add its wall time under ``label`` to the step running it."""
     fn = getattr(obj, name)
 
     def wrapper(*args, **kwargs):
@@ -40,9 +40,24 @@ def _timed(obj, name: str, samples: list[float]):
         try:
             return fn(*args, **kwargs)
         finally:
-            samples.append(time.perf_counter() - t0)
+            if steps:
+                steps[-1][label] = steps[-1].get(label, 0.0) + time.perf_counter() - t0
 
     setattr(obj, name, wrapper)
+
+
+def _timed_step(worker, steps: list[dict]):
+    fn = worker._step
+
+    def wrapper(*args, **kwargs):
+        steps.append({})
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            steps[-1]["step"] = time.perf_counter() - t0
+
+    worker._step = wrapper
 
 
 def main(argv=None) -> dict:
@@ -70,27 +85,29 @@ def main(argv=None) -> dict:
               max_model_len=args.input_len + args.steps + 16, enable_prefix_caching=False)
     try:
         worker = llm.engine.core.transport.worker
-        samples: dict[str, list[float]] = collections.defaultdict(list)
+        steps: list[dict] = []  # one dict of part -> seconds per Worker._step call
         for label, attr, name in PARTS:
-            _timed(getattr(worker, attr) if attr else worker, name, samples[label])
-        _timed(worker, "_step", samples["step"])
+            _timed(getattr(worker, attr) if attr else worker, name, label, steps)
+        _timed_step(worker, steps)
         vocab = llm.engine.hf_config.vocab_size
         prompts = [{"prompt_token_ids": [(7 * i + j) % (vocab - 1) + 1 for j in range(args.input_len)]}
                    for i in range(args.batch_size)]
         params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=args.steps,
                                 detokenize=False)
         llm.generate(prompts, params, use_tqdm=False)  # warm-up: first-call costs
-        for s in samples.values():
-            s.clear()
+        steps.clear()
         llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
-    # The last steps-1 calls of each part are the decode steps at the full batch.
+    # The decode steps at the full batch: the last steps-1 that ran a forward (a step that
+    # only frees finished requests runs none).
     decode = args.steps - 1
-    ms = {k: round(1e3 * float(np.median(v[-decode:])), 4) for k, v in samples.items() if v}
-    host = [1e3 * (s - f) for s, f in zip(samples["step"][-decode:], samples["forward"][-decode:])]
-    ms["host"] = round(float(np.median(host)), 4)
-    print(f"rank host time per decode step at batch {args.batch_size}, median of {decode} steps:")
+    ran = [s for s in steps if "forward" in s][-decode:]
+    for s in ran:
+        s["host"] = s["step"] - s["forward"]
+    labels = set.intersection(*(set(s) for s in ran))
+    ms = {k: round(1e3 * float(np.median([s[k] for s in ran])), 4) for k in labels}
+    print(f"rank host time per decode step at batch {args.batch_size}, median of {len(ran)} steps:")
     for label in [p[0] for p in PARTS] + ["step", "host"]:
         if label in ms:
             print(f"  {label:10s} {ms[label]:9.3f} ms")

@@ -397,7 +397,7 @@ class Worker:
         if self.grammars is not None and len(self.grammars):
             self._accept_guided()
             bitmask = self.grammars.bitmask(self._sample_seq_ids(inputs))
-        if self.batch.plain_greedy[inputs.rows[inputs.sample_idx]].all():
+        if self.batch.plain_greedy[inputs.sample_rows].all():
             return self.sampler.greedy(logits, bitmask)
         return self.sampler(logits, self._sampling_rows(inputs), bitmask)
 
@@ -410,7 +410,7 @@ class Worker:
             self.grammars.accept(seq_ids, tokens)
 
     def _sample_seq_ids(self, inputs: StepInputs) -> list[int]:
-        return self.batch.seq_id[inputs.rows[inputs.sample_idx]].tolist()
+        return self.batch.seq_id[inputs.sample_rows].tolist()
 
     def _commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
         """Appends the sampled tokens; constrained sequences' grammars advance by them."""
@@ -470,7 +470,7 @@ class Worker:
     def _sampling_rows(self, inputs: StepInputs) -> list[SamplingRow]:
         batch = self.batch
         out = []
-        for row in inputs.rows[inputs.sample_idx].tolist():
+        for row in inputs.sample_rows.tolist():
             state = batch.row_states[row]
             opts = state.sampling
             needs_history = (opts.presence_penalty or opts.frequency_penalty
@@ -484,7 +484,7 @@ class Worker:
     def _output(self, step_id: int, inputs: StepInputs, result: SampleResult,
                 sampled: np.ndarray, model_time_s: float, rank_time_s: float,
                 idle_s: float = 0.0) -> SamplerOutput:
-        rows = inputs.rows[inputs.sample_idx]
+        rows = inputs.sample_rows
         seq_ids = self.batch.seq_id[rows]
         fields = {}
         if result.sampled_logprobs is not None:

@@ -17,6 +17,9 @@
 #   MODEL=llama3-8b ENGINE_ARGS="kv_cache_dtype=fp8" bash bench/gpu.sh engine
 #   bash bench/gpu.sh floor   # issue 13 in one call: 7B bf16 dag/inproc/hf, tiny fp32 parity,
 #                             # 7B fp8 dag, decode-kernel sweep, 7B kv_reserve=1, Llama-3-8B dag/inproc
+#   bash bench/gpu.sh overlap # issue 13: overlapped rank steps: fp32 tiny parity (graphs and
+#                             # eager), then 7B bf16 dag with them on and off, inproc, hf, each
+#                             # with 20 decode steps traced (device gaps) (~6 min)
 #   bash bench/gpu.sh floor2  # the same runs' throughput rows alone: 7B bf16 dag/inproc/hf,
 #                             # 7B fp8 dag, Llama-3-8B dag/inproc, and one mixed step (480
 #                             # decodes + 30 prompts) profiled per op (~7 min, fits one call)
@@ -107,6 +110,11 @@ case $mode in
     thru floor_7b_bf16_reserve --num-prompts 512 --backends dag --engine-arg kv_reserve=1
     thru floor_8b_bf16 --model llama3-8b --num-prompts 512 --backends dag,inproc
     ;;
+  overlap)  # overlapped rank steps on the device: parity first, then on/off side by side
+    run parity python3 -m bench.gpu_check --tiny --tp 1 --eager-too
+    thru overlap_7b --num-prompts 512 --backends dag,dag-nooverlap,inproc,hf --hf-batch-size 128 \
+      --profile-steps 200,20
+    ;;
   floor2)  # the floor's throughput rows alone (~7 min): 7B bf16 dag/inproc/hf, one mixed
            # step per op, 7B fp8 dag, Llama-3-8B dag/inproc
     thru floor_7b_bf16 --num-prompts 512 --backends dag,inproc,hf --hf-batch-size 128
@@ -144,6 +152,6 @@ case $mode in
     run fp8_accuracy python3 -m bench.fp8_accuracy --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
       --device cuda --dtype bfloat16 --num-prompts 64 --max-tokens 64 --json-out "$OUT/fp8_accuracy.json"
     ;;
-  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | floor2 | structured | moe | moe_profile | nano | kernels | fp8acc)"; exit 2 ;;
+  *) echo "unknown mode $mode (smoke | tp1 | tp1b | tp2 | tp4 | tp4_70b | tpcheck | engine | floor | overlap | floor2 | structured | moe | moe_profile | nano | kernels | fp8acc)"; exit 2 ;;
 esac
 exit $fail

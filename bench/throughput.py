@@ -27,7 +27,9 @@ grammar needs a tokenizer: ``--tokenizer`` (default: the model's own; for a dumm
 preset, SmolLM2's, with the preset's vocabulary resized to it).
 
 ``dag-sync`` (``inproc-sync``, ``ray-sync``) is that backend with ``async_scheduling``
-off, for the cost of running one step at a time. ``--engine-arg key=value`` passes
+off, for the cost of running one step at a time; ``dag-nooverlap`` (...) keeps it on but
+turns ``overlap_rank_steps`` off (the ranks read each step back before launching the
+next, the default on the CPU). ``--engine-arg key=value`` passes
 engine options (``kv_reserve=1``, ``kv_cache_dtype=fp8``) to every engine run, and
 ``--profile-steps START,N`` traces N decode-time steps of each engine run with
 torch.profiler from its rank's step START on, reporting the device's idle gap between
@@ -51,8 +53,10 @@ import numpy as np
 from bench.presets import PRESETS, is_preset, materialize
 
 ENGINE_BACKENDS = ("dag", "ray", "inproc")
-# "<backend>-sync": the same engine with async_scheduling off (one step at a time)
-BACKENDS = ENGINE_BACKENDS + tuple(f"{b}-sync" for b in ENGINE_BACKENDS) + ("hf",)
+# "<backend>-sync": the same engine with async_scheduling off (one step at a time);
+# "<backend>-nooverlap": with overlap_rank_steps off (ranks read each step back first)
+BACKENDS = (ENGINE_BACKENDS + tuple(f"{b}-{m}" for m in ("sync", "nooverlap")
+                                    for b in ENGINE_BACKENDS) + ("hf",))
 MIXED_RANGE = (16, 256)  # --mixed: input and output lengths, inclusive
 # --structured json: nested objects, an array of objects, enums, bounded numbers and free
 # strings (so the grammar stays live for long outputs).
@@ -196,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if {"inproc", "inproc-sync"} & set(args.backends) and args.tp != 1:
+    if any(b.partition("-")[0] == "inproc" for b in args.backends) and args.tp != 1:
         p.error(f"--backends: 'inproc' runs --tp 1 only, got --tp {args.tp}")
     if "spyre" in args.devices and not args.warmup_shapes:
         p.error("--warmup-shapes: --device spyre needs at least one P,M,B shape")
@@ -252,10 +256,13 @@ def run_engine(backend: str, device: str, model_path: str, workload: Workload, a
     static = dict(warmup_shapes=";".join(args.warmup_shapes) if device == "spyre" else None,
                   compile_backend=args.compile_backend)
     label = backend if device == "cpu" else f"{backend}:{device}"
-    backend, _, sync = backend.partition("-")
+    backend, _, mode = backend.partition("-")
+    modes = dict(async_scheduling=mode != "sync")
+    if mode == "nooverlap":
+        modes["overlap_rank_steps"] = False
     t0 = time.perf_counter()
     llm = LLM(model_path, tensor_parallel_size=args.tp, backend=backend, load_format=args.load_format,
-              **{"async_scheduling": not sync, **args.engine_args},
+              **{**modes, **args.engine_args},
               dtype=args.dtype, device=device, **static, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               seed=args.seed, num_threads_per_rank=args.num_threads_per_rank,

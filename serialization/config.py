@@ -35,6 +35,9 @@ class RankConfig(msgspec.Struct, frozen=True, kw_only=True):
     num_threads: int = 0  # torch intra-op threads per rank; 0: leave as is
     enforce_eager: bool = False  # GPU: no CUDA graphs
     cuda_graph_max_batch_size: int = 512  # GPU: largest decode batch captured in a graph
+    # Launch step n+1 before reading back step n's tokens (decode rows take them from the
+    # device); every step call then answers with the step before it (see Worker._step_overlapped)
+    overlap_steps: bool = False
     max_loras: int = 0  # LoRA device slots; 0: LoRA off
     max_lora_rank: int = 16
     task: str = "generate"  # generate | embed (prefill only: no KV cache, pooled outputs)

@@ -114,6 +114,10 @@ class SchedulerConfig:
     # Schedule and send step n+1 while the ranks run step n (vLLM's async scheduling):
     # the engine's own work hides behind the device's. False: one step at a time.
     async_scheduling: bool = True
+    # The ranks launch step n+1 before they read back step n's tokens (decode rows take them
+    # from the device), so the device runs the steps back to back, with no host work between
+    # them. Needs async_scheduling. None: on for CUDA ranks.
+    overlap_rank_steps: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,14 @@ class EngineConfig:
                f"must be in [0, 1], got {self.scheduler.kv_reserve!r}")
         _check(isinstance(self.scheduler.async_scheduling, bool), "async_scheduling",
                f"must be True or False, got {self.scheduler.async_scheduling!r}")
+        overlap = self.scheduler.overlap_rank_steps
+        _check(overlap in (None, True, False), "overlap_rank_steps",
+               f"must be None, True or False, got {overlap!r}")
+        _check(not overlap or self.scheduler.async_scheduling, "overlap_rank_steps",
+               "needs async_scheduling=True (the next step must be sent before this one's output "
+               "is read)")
+        _check(not overlap or self.device.device in ("cpu", "cuda"), "overlap_rank_steps",
+               f"only CPU and CUDA ranks overlap steps, not device={self.device.device!r}")
         _check(self.scheduler.max_num_batched_tokens is None
                or self.scheduler.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                "must be >= 1")

@@ -29,6 +29,7 @@ from serialization import (
     CoreStats,
     EncodeBatch,
     EngineCoreRequest,
+    ExecuteModelRequest,
     PooledOutput,
     PoolerOutput,
     PoolingRequest,
@@ -76,6 +77,11 @@ class EngineCore:
         # Static shapes batch differently (a batch runs to its end): no overlap there.
         self.async_scheduling = (self.task == "generate" and config.scheduler.async_scheduling
                                  and not config.device.warmup_shapes)
+        overlap = config.scheduler.overlap_rank_steps
+        self.overlap_rank_steps = self.async_scheduling and (
+            config.device.device == "cuda" if overlap is None else overlap)
+        self.rank_config = msgspec.structs.replace(self.rank_config,
+                                                   overlap_steps=self.overlap_rank_steps)
         if config.parallel.backend != "inproc":
             ensure_ray(config)
         self.transport: Transport = make_transport(
@@ -87,6 +93,9 @@ class EngineCore:
             # The next step is sent while the ranks run this one.
             max_inflight=2 if self.task == "embed" or self.async_scheduling else 1)
         self._inflight: collections.deque = collections.deque()  # steps sent, not fetched
+        # Overlapped rank steps: handles of the calls sent (steps and flushes) whose answer
+        # is not read yet; each call answers with the output of the call before it.
+        self._unread: collections.deque = collections.deque()
         self._fetched: list[StepOutputs] = []  # fetched early (a call between steps)
         self._last_done = 0.0
         try:
@@ -295,6 +304,8 @@ class EngineCore:
             self._stop_if_fatal(e)
             return fail(e)
         self._inflight.append(flight)
+        if self.overlap_rank_steps:
+            self._unread.append(flight.handle)
         return flight
 
     def _stop_if_fatal(self, e: RankFailure) -> None:
@@ -309,25 +320,45 @@ class EngineCore:
         # It started when it was sent or when the one before it ended.
         started = max(flight.t_sent, self._last_done)
         try:
-            data = self.transport.fetch(flight.handle)
+            if self.overlap_rank_steps:
+                out = self._output_of(flight.sched.step_id)
+            else:
+                data = self.transport.fetch(flight.handle)
         except RankFailure as e:
             self._stop_if_fatal(e)
             self._last_done = time.perf_counter()
             if self.task == "embed":  # the ranks keep nothing of a batch
                 return self._fail_encode(flight.sched, str(e))
             # The steps sent after it ran on what the failure left of the ranks' state.
-            flights = [flight]
-            while self._inflight:
-                flights.append(self._inflight.popleft())
+            flights = [flight, *self._inflight]
+            self._inflight.clear()
+            handles = list(self._unread) if self.overlap_rank_steps else [f.handle for f in flights[1:]]
+            self._unread.clear()
+            for handle in handles:
                 try:
-                    self.transport.fetch(flights[-1].handle)
+                    self.transport.fetch(handle)
                 except RankFailure as later:
                     self._stop_if_fatal(later)
             return self._fail_steps(flights, str(e))
         self._last_done = time.perf_counter()
         if self.task == "embed":
             return self._apply_encode(flight, decode_pooler_output(data), started)
-        return self._apply_step(flight, decode_output(data), started)
+        if not self.overlap_rank_steps:
+            out = decode_output(data)
+        return self._apply_step(flight, out, started)
+
+    def _output_of(self, step_id: int) -> SamplerOutput:
+        """Overlapped rank steps: a call's answer is the output of the call before it, so
+        step ``step_id``'s output comes with the next call sent, or, if none was, with a
+        flush (a call that launches nothing). Answers before it are empty (``step_id`` -1:
+        the call before was a flush or none)."""
+        while True:
+            if not self._unread:
+                self._unread.append(self.transport.submit(_FLUSH))
+            out = decode_output(self.transport.fetch(self._unread.popleft()))
+            if out.step_id == step_id:
+                return out
+            assert out.step_id < 0, f"step {out.step_id} answered while waiting for {step_id}"
 
     def _apply_step(self, flight: _Flight, out: SamplerOutput, started: float) -> StepOutputs:
         """A generation step's tokens into the scheduler and the output deltas."""
@@ -502,6 +533,9 @@ class EngineCore:
     def _new_seq_id(self) -> int:
         self._next_seq_id = (self._next_seq_id + 1) % (2**31 - 1)
         return self._next_seq_id
+
+
+_FLUSH = encode(ExecuteModelRequest(step_id=-1))  # collects the ranks' last step, runs nothing
 
 
 class _Flight:

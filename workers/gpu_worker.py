@@ -78,6 +78,12 @@ class GPUMixin:
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        # From pinned memory, without a sync: a blocking copy from pageable memory waits for
+        # the stream, i.e. for the step still running. The caching host allocator keeps the
+        # pinned block until the copy has run.
+        return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
+
     # ---- memory -----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -204,13 +210,17 @@ class GPUMixin:
             return
         dev, max_bs = self.device, sizes[-1]
         self._max_blocks = -(-cfg.max_model_len // cfg.block_size)
-        # Static inputs: one int64 and one int32 buffer, each filled by one host-to-device copy.
-        self._host64 = torch.zeros(3 * max_bs, dtype=torch.int64, pin_memory=True)
+        # Static inputs: one int64 and one int32 buffer, each filled by one host-to-device copy
+        # (the int64 one's fourth row: overlapped steps' input_src, read outside the graph).
+        self._host64 = torch.zeros(4 * max_bs, dtype=torch.int64, pin_memory=True)
         self._host32 = torch.zeros(max_bs * (1 + self._max_blocks), dtype=torch.int32,
                                    pin_memory=True)
         self._dev64 = torch.zeros_like(self._host64, device=dev)
         self._dev32 = torch.zeros_like(self._host32, device=dev)
-        ids, positions, slots = self._dev64.view(3, max_bs)
+        ids, positions, slots, _ = self._dev64.view(4, max_bs)
+        # Set once the last step's host-to-device copies have run: the pinned buffers are
+        # refilled only then (with overlapped steps the device may not have reached them).
+        self._inputs_copied = torch.cuda.Event()
         seq_lens = self._dev32[:max_bs]
         tables = self._dev32[max_bs:].view(max_bs, self._max_blocks)
         # A graph reads its inputs at fixed addresses: every input tensor must outlive it
@@ -261,12 +271,15 @@ class GPUMixin:
         # Pure decode step that fits a graph: pad to the captured size and replay.
         bs = int(self._graph_sizes[np.searchsorted(self._graph_sizes, n)])
         max_bs = int(self._graph_sizes[-1])
-        host64 = self._host64.numpy().reshape(3, max_bs)
+        self._inputs_copied.synchronize()
+        host64 = self._host64.numpy().reshape(4, max_bs)
         host64[0, :n] = inputs.input_ids
         host64[1, :n] = inputs.positions
         host64[2, :n] = inputs.slot_mapping
         host64[:2, n:bs] = 0
         host64[2, n:bs] = -1
+        if inputs.input_src is not None:
+            host64[3, :n] = inputs.input_src
         host32 = self._host32.numpy()
         host32[:n] = inputs.seq_lens
         host32[n:bs] = 0
@@ -281,6 +294,10 @@ class GPUMixin:
         if token_slots is not None:
             graph, logits = self.lora_graphs[bs]
             self._fill_lora_inputs(token_slots, bs, max_bs)
+        self._inputs_copied.record()
+        if inputs.input_src is not None:
+            ids, _, _, src = self._dev64.view(4, max_bs)
+            self._take_pending_tokens(ids[:n], src[:n])
         graph.replay()
         return logits[:n]
 

@@ -40,6 +40,10 @@ class StepInputs:
     logits_indices: np.ndarray  # [S'] token index whose hidden state is sampled
     # [S] each request's adapter (0: the base model); static batches (Spyre) run none
     lora_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    # [T] where input token t is still on the device, sampled by the step launched before
+    # this one (overlapped rank steps): its index in that step's sampled tokens, else -1.
+    # None when no input token is pending.
+    input_src: np.ndarray | None = None
 
     @cached_property
     def sample_rows(self) -> np.ndarray:
@@ -65,9 +69,16 @@ class InputBatch:
         # no per-row sampling records (0.24 ms a step at batch 256 on a 2-core CPU).
         self.plain_greedy = np.zeros(initial_rows, dtype=bool)
         self.seq_id = np.zeros(initial_rows, dtype=np.int32)  # read only for scheduled rows
+        # Overlapped rank steps: a row's last token may still be on the device (sampled by the
+        # step launched last, not yet read back). pending_pos: its position (-1: none);
+        # pending_idx: its index in that step's sampled tokens.
+        self.pending_pos = np.full(initial_rows, -1, dtype=np.int32)
+        self.pending_idx = np.zeros(initial_rows, dtype=np.int32)
+        self._pending_rows = np.zeros(0, dtype=np.int64)
         self.states: dict[int, RowState] = {}
         self.row_states: list[RowState | None] = [None] * initial_rows
         self._free_rows = list(range(initial_rows - 1, -1, -1))
+        self._held_rows: list[int] = []  # freed while a token of theirs is pending
 
     # ---- deltas -------------------------------------------------------------------
 
@@ -151,7 +162,9 @@ class InputBatch:
         if state is None:
             return False
         self.row_states[state.row] = None
-        self._free_rows.append(state.row)
+        # A row whose token is still on the device is reused only once it has landed
+        # (land would otherwise write it into the next request's prompt).
+        (self._held_rows if self.pending_pos[state.row] >= 0 else self._free_rows).append(state.row)
         return True
 
     def preempt(self, seq_id: int) -> None:
@@ -172,9 +185,10 @@ class InputBatch:
             self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
             self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
             for name in ("num_tokens", "num_computed", "num_blocks", "lora_id", "plain_greedy",
-                         "seq_id"):
+                         "seq_id", "pending_idx"):
                 arr = getattr(self, name)
                 setattr(self, name, np.concatenate([arr, np.zeros_like(arr)]))
+            self.pending_pos = np.concatenate([self.pending_pos, np.full(old, -1, np.int32)])
             self.row_states += [None] * old
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         return self._free_rows.pop()
@@ -202,6 +216,11 @@ class InputBatch:
                 * self.block_size + positions % self.block_size)
         samples = ends == self.num_tokens[rows]
         max_blocks = int(-(-ends.max() // self.block_size)) if len(ends) else 0
+        input_src = None
+        if len(self._pending_rows):
+            pending = self.pending_pos[token_rows] == positions
+            if pending.any():
+                input_src = np.where(pending, self.pending_idx[token_rows], -1).astype(np.int64)
         return StepInputs(
             rows=rows,
             input_ids=self.token_ids[token_rows, positions].astype(np.int64),
@@ -213,6 +232,7 @@ class InputBatch:
             sample_idx=np.flatnonzero(samples),
             logits_indices=cu[1:][samples] - 1,
             lora_ids=self.lora_id[rows],
+            input_src=input_src,
         )
 
     def commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
@@ -221,6 +241,31 @@ class InputBatch:
         rows = inputs.sample_rows
         self.token_ids[rows, self.num_tokens[rows]] = sampled
         self.num_tokens[rows] += 1
+
+    def commit_pending(self, inputs: StepInputs) -> None:
+        """``commit`` of a step whose sampled tokens are still on the device: progress
+        advances now, each sampled token's slot is reserved (``land`` fills it), and the next
+        step's ``prepare`` marks the input tokens it must take from the device."""
+        assert not len(self._pending_rows), "a step's tokens are already pending"
+        self.num_computed[inputs.rows] = inputs.seq_lens
+        rows = inputs.sample_rows
+        self.pending_pos[rows] = self.num_tokens[rows]
+        self.pending_idx[rows] = np.arange(len(rows), dtype=np.int32)
+        self.num_tokens[rows] += 1
+        self._pending_rows = rows
+
+    def land(self, sampled: np.ndarray) -> None:
+        """The pending step's tokens, read back: written into their reserved slots."""
+        rows = self._pending_rows
+        self.token_ids[rows, self.pending_pos[rows]] = sampled
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Forgets the pending tokens (a failed step: its sequences are being dropped)."""
+        self.pending_pos[self._pending_rows] = -1
+        self._pending_rows = np.zeros(0, dtype=np.int64)
+        self._free_rows += self._held_rows
+        self._held_rows = []
 
     def tokens_of(self, seq_id: int) -> np.ndarray:
         row = self.states[seq_id].row

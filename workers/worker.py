@@ -57,6 +57,10 @@ class Worker:
     grammars: RankGrammars | None = None  # made by the first constrained request
     _grammar_vocab = b""  # set_grammar_vocab's
     _to_accept: tuple[list[int], np.ndarray] | None = None  # the last step's tokens, for them
+    # Overlapped steps (RankConfig.overlap_steps): the last call's step, launched and not read
+    # back (_Launched), or its finished output (a step that ran nothing), answered next call.
+    _prev: _Launched | SamplerOutput | None = None
+    _pending_tokens: torch.Tensor | None = None  # _prev's sampled tokens, on the device
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -130,6 +134,7 @@ class Worker:
         try:
             msg = decode_rank_input(data)
             if isinstance(msg, RankCall):
+                self._settle(msg.method)
                 return encode(RankReply(self.tp_rank, self._call(msg)))
             out = self._encode(msg) if isinstance(msg, EncodeBatch) else self._step(msg)
             return encode(out) if self.tp_rank == 0 else None
@@ -356,6 +361,8 @@ class Worker:
     # ---- one step -----------------------------------------------------------------
 
     def _step(self, msg: ExecuteModelRequest) -> SamplerOutput:
+        if self.config.overlap_steps:
+            return self._step_overlapped(msg)
         t0 = time.perf_counter()
         self.batch.validate(msg)
         for fill in msg.lora_slots:
@@ -381,14 +388,106 @@ class Worker:
         return self._output(msg.step_id, inputs, result, sampled, t_host - t_model, t1 - t0,
                             idle_s)
 
-    @torch.inference_mode()
     def _run_model(self, inputs: StepInputs) -> SampleResult:
+        return self._sample_step(self._forward(inputs), inputs).cpu()
+
+    @torch.inference_mode()
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's logits (launched: on a GPU, nothing waits for them here)."""
+        return self._compute_logits(inputs)
+
+    @torch.inference_mode()
+    def _sample_step(self, logits: torch.Tensor, inputs: StepInputs) -> SampleResult:
+        """The step's sampled tokens (and log-probs), on the device."""
         if len(inputs.logits_indices) == 0:
-            self._compute_logits(inputs)
             return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
-        logits = self._compute_logits(inputs)
         self._nonfinite_steps += any_nonfinite(logits)
-        return self._sample(logits, inputs).cpu()
+        return self._sample(logits, inputs)
+
+    # ---- overlapped steps ------------------------------------------------------------
+
+    def _step_overlapped(self, msg: ExecuteModelRequest) -> SamplerOutput:
+        """Launches this step, then reads back the step before it and answers with *that*
+        step's output (``step_id`` -1 when there was none). A message with ``step_id < 0``
+        launches nothing: it only collects the last step's output (a flush).
+
+        On a GPU the device thus runs step n+1 straight after step n: n+1's host work (its
+        delta, inputs, launch) is done while n runs, and a decode row's input token, which n
+        sampled, is taken from n's tokens on the device (``StepInputs.input_src``). The
+        sampling of n+1 waits for n's tokens on the host: grammars and penalties see them."""
+        t0 = time.perf_counter()
+        prev, self._prev = self._prev, None
+        try:
+            launched = None
+            if msg.step_id >= 0:
+                self.batch.validate(msg)
+                for fill in msg.lora_slots:
+                    self._require_lora().fill_slot(fill.slot, fill.lora_id)
+                self.batch.apply(msg)
+                self._apply_guided(msg)
+                if msg.scheduled_seq_ids:
+                    self._apply_fault()
+                    inputs = self.batch.prepare(msg)
+                    if self._profile is not None:
+                        self._profile.before_step(self._num_steps)
+                    self._num_steps += 1
+                    t_launch = time.perf_counter()
+                    self._pending_tokens = prev.result.token_ids if isinstance(prev, _Launched) else None
+                    logits = self._forward(inputs)
+                    self._pending_tokens = None
+                    launched = (inputs, logits, t_launch)
+            answer = self._land(prev)
+            if launched is not None:
+                inputs, logits, t_launch = launched
+                result = self._sample_step(logits, inputs)
+                self.batch.commit_pending(inputs)
+                self._prev = _Launched(msg.step_id, inputs, result, t0, t_launch)
+            elif msg.step_id >= 0:
+                self._prev = SamplerOutput(step_id=msg.step_id)
+            return answer
+        except BaseException:
+            # The engine fails this step and the ones in flight with it, and has every rank
+            # forget their sequences: nothing of them stays pending here.
+            self._pending_tokens = None
+            self.batch.discard_pending()
+            raise
+
+    def _land(self, prev: _Launched | SamplerOutput | None) -> SamplerOutput:
+        """The output of the last call's step; a launched one is read back (this waits for
+        the device) and its tokens written into the batch."""
+        if prev is None:
+            return SamplerOutput(step_id=-1)
+        if isinstance(prev, SamplerOutput):
+            return prev
+        result = prev.result.cpu()
+        sampled = result.token_ids.numpy().astype(np.int32)
+        t_host = time.perf_counter()
+        # The device ran this step from its launch or from the end of the one before it.
+        started = max(prev.t_launch, self._last_step_end)
+        idle_s = max(0.0, prev.t_launch - self._last_step_end) if self._last_step_end else 0.0
+        self._last_step_end = t_host
+        self.batch.land(sampled)
+        if self.grammars is not None and len(self.grammars):
+            self._accept_guided()  # a step that sampled nothing left the last ones pending
+            self._to_accept = (self._sample_seq_ids(prev.inputs), sampled)
+        return self._output(prev.step_id, prev.inputs, result, sampled, t_host - started,
+                            time.perf_counter() - prev.t0, idle_s)
+
+    def _settle(self, method: str) -> None:
+        """Before a broadcast call: a launched step is read back (its output still answers
+        the next step call), so that the call sees a batch with no token pending; ``forget``
+        (after a failed step) drops it instead, with the sequences it names."""
+        if method == "forget":
+            self._prev = None
+            self.batch.discard_pending()
+        elif isinstance(self._prev, _Launched):
+            self._prev = self._land(self._prev)
+
+    def _take_pending_tokens(self, input_ids: torch.Tensor, input_src: torch.Tensor) -> None:
+        """Overlapped steps: the input tokens still on the device (``input_src >= 0``), in
+        place, from the last step's sampled tokens."""
+        tokens = self._pending_tokens
+        input_ids.copy_(torch.where(input_src >= 0, tokens[input_src.clamp(min=0)], input_ids))
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> SampleResult:
         """Samples the step's rows; constrained rows first lose their disallowed tokens
@@ -440,22 +539,27 @@ class Worker:
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self._lora_mapping(inputs))
         if len(inputs.logits_indices) == 0:
             return hidden[:0]
-        return self.model.compute_logits(
-            hidden[torch.from_numpy(inputs.logits_indices).to(self.device)])
+        return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device (a GPU's copy neither waits for the device nor makes
+        the host wait: with overlapped steps the device is still running the last step)."""
+        return torch.from_numpy(array).to(self.device)
 
     def _prepare_tensors(self, inputs: StepInputs):
         """(AttentionMetadata, input_ids, positions) on the device."""
-        dev = self.device
         meta = AttentionMetadata(
-            query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev),
-            seq_lens=torch.from_numpy(inputs.seq_lens).to(dev),
-            block_tables=torch.from_numpy(np.ascontiguousarray(inputs.block_tables)).to(dev),
-            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev),
+            query_start_loc=self._to_device(inputs.query_start_loc),
+            seq_lens=self._to_device(inputs.seq_lens),
+            block_tables=self._to_device(np.ascontiguousarray(inputs.block_tables)),
+            slot_mapping=self._to_device(inputs.slot_mapping),
             max_query_len=int(np.diff(inputs.query_start_loc).max()),
             max_seq_len=int(inputs.seq_lens.max()),
         )
-        return (meta, torch.from_numpy(inputs.input_ids).to(dev),
-                torch.from_numpy(inputs.positions).to(dev))
+        input_ids = self._to_device(inputs.input_ids)
+        if inputs.input_src is not None:
+            self._take_pending_tokens(input_ids, self._to_device(inputs.input_src))
+        return meta, input_ids, self._to_device(inputs.positions)
 
     def _token_slots(self, inputs: StepInputs) -> np.ndarray | None:
         """Each token's LoRA slot (-1: base); None when no request of the step has an adapter."""
@@ -487,9 +591,12 @@ class Worker:
         rows = inputs.sample_rows
         seq_ids = self.batch.seq_id[rows]
         fields = {}
-        if result.sampled_logprobs is not None:
-            states = [self.batch.row_states[r] for r in rows.tolist()]
-            idx = np.flatnonzero([s.sampling.logprobs >= 0 for s in states])
+        # A row whose request finished while the step ran (overlapped steps) has no state
+        # left: its token is dropped by the engine anyway.
+        states = ([self.batch.row_states[r] for r in rows.tolist()]
+                  if result.sampled_logprobs is not None else [])
+        idx = np.flatnonzero([s is not None and s.sampling.logprobs >= 0 for s in states])
+        if len(idx):
             k = max(states[i].sampling.logprobs for i in idx.tolist())
             fields = dict(
                 logprob_seq_ids=pack_i32(seq_ids[idx]),
@@ -501,6 +608,17 @@ class Worker:
         return SamplerOutput(step_id=step_id, seq_ids=pack_i32(seq_ids), token_ids=sampled.tobytes(),
                              model_time_s=model_time_s, rank_time_s=rank_time_s, idle_s=idle_s,
                              **fields)
+
+
+class _Launched:
+    """An overlapped step whose forward and sampling are launched, not read back."""
+
+    __slots__ = ("step_id", "inputs", "result", "t0", "t_launch")
+
+    def __init__(self, step_id: int, inputs: StepInputs, result: SampleResult, t0: float,
+                 t_launch: float):
+        self.step_id, self.inputs, self.result = step_id, inputs, result
+        self.t0, self.t_launch = t0, t_launch
 
 
 def any_nonfinite(logits: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,15 @@ def _ids(prompts):
     return [{"prompt_token_ids": p} for p in prompts]
 
 
-@pytest.mark.parametrize("backend,tp", [("inproc", 1), ("dag", 2)])
+@pytest.mark.parametrize("backend,tp,overlap", [("inproc", 1, False), ("dag", 2, False),
+                                                ("dag", 2, True)])
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(ray_cluster, tiny_dir, backend,
-                                                                 tp):
+                                                                 tp, overlap):
     path = tiny_dir("llama")
     prompts = mixed_prompts(6, 256, seed=11)
     ref = hf_greedy(path, prompts, 8)
     llm = LLM(path, tensor_parallel_size=tp, backend=backend, skip_tokenizer_init=True,
-              max_model_len=256)
+              max_model_len=256, overlap_rank_steps=overlap)
     engine = llm.engine
     try:
         # Two requests already decoding, then two more join; the step that runs all four fails.

@@ -1,4 +1,5 @@
-"""Overlapped steps (async scheduling, the default) against one step at a time: the same
+"""Overlapped steps (async scheduling, the default) against one step at a time, and with
+overlapped rank steps on top (the ranks launch step n+1 before reading back n): the same
 tokens, texts, finish and stop reasons and log-probs on every transport, at tp=1 and 2,
 with stop strings, stop tokens and max_tokens ending requests mid-batch and a KV cache
 small enough that the scheduler preempts."""
@@ -58,41 +59,51 @@ def _summary(outs):
 @pytest.mark.parametrize("backend,tp", [("inproc", 1), ("dag", 1), ("dag", 2), ("ray", 2)])
 def test_overlapped_steps_change_nothing_a_user_sees(ray_cluster, tiny_chat_model, backend, tp):
     runs, preemptions = {}, {}
-    for async_scheduling in (False, True):
+    # (async_scheduling, overlap_rank_steps): one step at a time; the engine a step ahead;
+    # and the ranks too (on the CPU the launch runs the step, but the protocol is the GPU's)
+    modes = ((False, False), (True, False), (True, True))
+    for mode in modes:
         llm = LLM(tiny_chat_model, tensor_parallel_size=tp, backend=backend, max_model_len=128,
-                  async_scheduling=async_scheduling, max_num_batched_tokens=64,
+                  async_scheduling=mode[0], overlap_rank_steps=mode[1], max_num_batched_tokens=64,
                   kv_cache_memory_bytes=_bytes_for_blocks(tiny_chat_model, tp, 12))
         try:
-            assert llm.engine.core.async_scheduling is async_scheduling
-            if not async_scheduling:
+            core = llm.engine.core
+            assert (core.async_scheduling, core.overlap_rank_steps) == mode
+            if mode == modes[0]:
                 base = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24,
                                                             ignore_eos=True), use_tqdm=False)
                 params = _params(base)
-            before = llm.engine.core.stats_total["preemptions"]
-            runs[async_scheduling] = _summary(llm.generate(PROMPTS, params, use_tqdm=False))
-            preemptions[async_scheduling] = llm.engine.core.stats_total["preemptions"] - before
-            assert llm.engine.core.scheduler.block_pool.num_free_blocks == 12
+            before = core.stats_total["preemptions"]
+            runs[mode] = _summary(llm.generate(PROMPTS, params, use_tqdm=False))
+            preemptions[mode] = core.stats_total["preemptions"] - before
+            assert core.scheduler.block_pool.num_free_blocks == 12
             assert llm.engine.call_all("num_live_requests") == [0] * tp
+            assert not core._unread
         finally:
             llm.shutdown()
-    assert runs[True] == runs[False]
-    reasons = {row[2] for row in runs[True]}
+    assert runs[modes[1]] == runs[modes[0]]
+    assert runs[modes[2]] == runs[modes[0]]
+    reasons = {row[2] for row in runs[modes[0]]}
     assert reasons == {"stop", "length"}, reasons
-    assert preemptions[True] > 0 and preemptions[False] > 0, preemptions
+    assert all(preemptions[m] > 0 for m in modes), preemptions
 
 
-def test_overlapped_greedy_equals_transformers_and_drains_on_park(ray_cluster, tiny_dir):
+@pytest.mark.parametrize("overlap_rank_steps", [False, True])
+def test_overlapped_greedy_equals_transformers_and_drains_on_park(ray_cluster, tiny_dir,
+                                                                  overlap_rank_steps):
     path = tiny_dir("llama")
     prompts = mixed_prompts(12, 256, seed=31)
-    llm = LLM(path, skip_tokenizer_init=True, max_model_len=256)
+    llm = LLM(path, skip_tokenizer_init=True, max_model_len=256,
+              overlap_rank_steps=overlap_rank_steps)
     try:
         core = llm.engine.core
+        assert core.overlap_rank_steps is overlap_rank_steps
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                             use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 16)
         # generate() ends by parking the ranks: nothing is left in flight or on the ranks.
-        assert not core._inflight
+        assert not core._inflight and not core._unread
         assert llm.engine.call_all("num_live_requests") == [0]
         assert core.stats_total["generation_tokens"] == 12 * 16  # dropped tokens not counted
     finally:
@@ -104,3 +115,30 @@ def test_async_scheduling_option_is_checked():
 
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(scheduler=SchedulerConfig(async_scheduling="yes"))
+    with pytest.raises(ValueError, match="overlap_rank_steps: needs async_scheduling=True"):
+        EngineConfig(scheduler=SchedulerConfig(async_scheduling=False, overlap_rank_steps=True))
+    with pytest.raises(ValueError, match="overlap_rank_steps: only CPU and CUDA"):
+        EngineConfig.from_kwargs(device="tpu", overlap_rank_steps=True)
+
+
+def test_overlapped_rank_steps_sample_with_penalties_seeds_and_n_as_before(ray_cluster,
+                                                                          tiny_chat_model):
+    """Penalties read each sequence's whole output, which the ranks append on the host:
+    with overlapped rank steps the tokens of the step before must have landed first."""
+    params = [SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=20, ignore_eos=True,
+                             repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.4),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                             repetition_penalty=1.5),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=20, ignore_eos=True,
+                             logprobs=1)] * 3
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(tiny_chat_model, max_model_len=128, max_num_batched_tokens=64,
+                  overlap_rank_steps=overlap)
+        try:
+            outs = llm.generate(PROMPTS[:9], params, use_tqdm=False)
+            runs[overlap] = [[(c.token_ids, [sorted(d) for d in c.logprobs or []])
+                              for c in o.outputs] for o in outs]
+        finally:
+            llm.shutdown()
+    assert runs[True] == runs[False]

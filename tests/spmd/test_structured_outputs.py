@@ -261,7 +261,8 @@ def _tiny_run(path, tp, **kwargs):
     return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs], preemptions
 
 
-def test_tp2_preemption_and_prefix_caching_sample_what_tp1_does(ray_cluster, tiny_chat_model):
+def test_tp2_preemption_prefix_caching_and_overlap_sample_what_tp1_does(ray_cluster,
+                                                                         tiny_chat_model):
     base, _ = _tiny_run(tiny_chat_model, 1, enable_prefix_caching=False)
     for i, choices in enumerate(base):
         for tokens, text, reason in choices:
@@ -276,6 +277,12 @@ def test_tp2_preemption_and_prefix_caching_sample_what_tp1_does(ray_cluster, tin
         tiny_chat_model, 2, 10))
     assert preemptions > 0
     assert small == base
+    # Overlapped rank steps: each step's masks still see the tokens of the step before.
+    overlapped, preemptions = _tiny_run(tiny_chat_model, 2, overlap_rank_steps=True,
+                                        kv_cache_memory_bytes=_bytes_for_blocks(
+                                            tiny_chat_model, 2, 10))
+    assert preemptions > 0
+    assert overlapped == base
 
 
 @pytest.mark.parametrize("device, extra", [

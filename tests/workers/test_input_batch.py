@@ -74,3 +74,40 @@ def test_rows_grow_and_are_reused():
     again = _step(3, [], new_requests=[_new(10, [77], [9])])
     batch.apply(again)
     assert batch.tokens_of(10).tolist() == [77] and len(batch.states) == 4
+
+
+def test_pending_tokens_come_from_the_device_and_hold_their_rows_until_they_land():
+    """Overlapped rank steps: a step is committed before its tokens are read back; the next
+    step's inputs name which tokens to take from the device, and a row freed meanwhile is
+    not reused until its token has landed (it would be written into a new prompt)."""
+    batch = InputBatch(max_model_len=64, block_size=4, initial_rows=2)
+    msg = _step(1, [(7, 3), (9, 2)], new_requests=[_new(7, [10, 11, 12], [0]),
+                                                   _new(9, [20, 21], [1])])
+    batch.validate(msg)
+    batch.apply(msg)
+    inp = batch.prepare(msg)
+    assert inp.input_src is None
+    batch.commit_pending(inp)  # tokens of 7 and 9 still on the device
+    # Step 2 launches before they land: 9 finished (a stop string seen by the engine),
+    # 5 is new, 7 decodes its pending token.
+    msg2 = _step(2, [(7, 1), (5, 2)], finished_ids=pack_i32([9]),
+                 new_requests=[_new(5, [30, 31], [2])])
+    batch.validate(msg2)
+    batch.apply(msg2)
+    row9 = 1 - batch.states[7].row
+    assert batch.states[5].row not in (batch.states[7].row, row9)  # 9's row is held
+    inp2 = batch.prepare(msg2)
+    assert inp2.positions.tolist() == [3, 0, 1]
+    assert inp2.input_src.tolist() == [0, -1, -1]  # 7's input: token 0 of step 1's
+    assert inp2.input_ids.tolist()[1:] == [30, 31]
+    batch.land(np.array([77, 99], dtype=np.int32))
+    assert batch.tokens_of(7).tolist() == [10, 11, 12, 77]
+    assert int(batch.num_computed[batch.states[7].row]) == 3
+    assert row9 in batch._free_rows  # released once its token landed
+    batch.commit_pending(inp2)
+    msg3 = _step(3, [(7, 1), (5, 1)], block_updates=[BlockUpdate(7, pack_i32([3]))])
+    batch.apply(msg3)
+    inp3 = batch.prepare(msg3)
+    assert inp3.input_src.tolist() == [0, 1] and inp3.positions.tolist() == [4, 2]
+    batch.discard_pending()  # a failed step: nothing pending, nothing held
+    assert (batch.pending_pos == -1).all() and not batch._held_rows

@@ -1,6 +1,7 @@
 """The real Serve app on the test session's Ray cluster, called with the real
 ``openai`` client (and httpx for raw bodies): results, streaming, concurrency,
-errors, metrics, and aborts of dropped streams."""
+errors, metrics, and aborts of dropped streams. The server runs with overlapped rank
+steps (the default on a GPU, off on the CPU), the offline references without them."""
 
 import asyncio
 import json
@@ -34,7 +35,7 @@ def base_url(ray_cluster, tiny_chat_model):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deploy({"model": tiny_chat_model, "max_model_len": str(MAX_MODEL_LEN),
                       "api_key": API_KEY, "served_model_name": MODEL,
-                      "max_body_bytes": str(MAX_BODY_BYTES)}),
+                      "max_body_bytes": str(MAX_BODY_BYTES), "overlap_rank_steps": "true"}),
               name="spmd", route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -122,10 +122,13 @@ def test_prefix_cache_is_per_adapter(llm, loras):
     assert other.num_cached_tokens == 0 and plain.num_cached_tokens == 0
 
 
-def test_eviction_and_reload_keep_results(base, loras, prompts, expected, ray_cluster):
-    """Two device slots and two CPU slots for four adapters: every batch evicts."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_eviction_and_reload_keep_results(base, loras, prompts, expected, ray_cluster, overlap):
+    """Two device slots and two CPU slots for four adapters: every batch evicts (with
+    overlapped rank steps, a slot is refilled while the step before still runs)."""
     with LLM(base, enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=2,
-             skip_tokenizer_init=True, max_num_seqs=16, max_num_batched_tokens=128) as small:
+             skip_tokenizer_init=True, max_num_seqs=16, max_num_batched_tokens=128,
+             overlap_rank_steps=overlap) as small:
         loads = []
         call_all = small.engine.core.loras._call_all
 

@@ -17,6 +17,7 @@ public API; they call ``torch.ops.spmd.*`` so that the dispatcher picks the kern
 """
 
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -244,11 +245,28 @@ def _gather_blocks(kv_cache: Tensor, kv_scales: Tensor | None, block_ids: Tensor
     ids = torch.cat([block_ids, block_ids + num_blocks])
     shape = (2, len(block_ids), *kv_cache.shape[2:])
     if kv_scales is None:
-        return kv_cache.view(2 * num_blocks, *shape[2:]).index_select(0, ids).view(shape).to(dtype)
+        blocks = kv_cache.view(2 * num_blocks, *shape[2:])
+        if kv_cache.device.type == "cpu" and kv_cache.dtype == dtype:
+            out = _gather_buffer(math.prod(shape), dtype).view(len(ids), *shape[2:])
+            return torch.index_select(blocks, 0, ids, out=out).view(shape)
+        return blocks.index_select(0, ids).view(shape).to(dtype)
     values = kv_cache.view(torch.uint8).view(2 * num_blocks, *shape[2:]).index_select(0, ids)
     scales = kv_scales.view(2 * num_blocks, *kv_scales.shape[2:]).index_select(0, ids)
     return fp8_dequantize_cache(values.view(torch.float8_e4m3fn).view(shape),
                                 scales.view(2, len(block_ids), *kv_scales.shape[2:]), dtype)
+
+
+_scratch = threading.local()
+
+
+def _gather_buffer(numel: int, dtype: torch.dtype) -> Tensor:
+    """A CPU buffer for ``_gather_blocks``, reused by every layer and step of this thread
+    (its result is consumed before the next gather). A fresh tensor each time costs its
+    pages anew: 44 against 38 ms for the 30 layers of a 64-sequence SmolLM2 decode step."""
+    buf = getattr(_scratch, "gather", None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = _scratch.gather = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _decode_attention(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from workers.attention import AttentionMetadata
 from workers.input_batch import StepInputs
 from workers.layers.lora import LoRAMapping
+from workers.sampler import SampleResult
 from workers.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,21 @@ class GPUMixin:
         # the stream, i.e. for the step still running. The caching host allocator keeps the
         # pinned block until the copy has run.
         return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
+
+    def _read_back(self, result: SampleResult) -> tuple[SampleResult, torch.cuda.Event]:
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if t.device.type == "cpu":
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        host = SampleResult(copy(result.token_ids), copy(result.sampled_logprobs),
+                            copy(result.top_ids), copy(result.top_logprobs))
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     # ---- memory -----------------------------------------------------------------------
 

@@ -441,7 +441,8 @@ class Worker:
                 inputs, logits, t_launch = launched
                 result = self._sample_step(logits, inputs)
                 self.batch.commit_pending(inputs)
-                self._prev = _Launched(msg.step_id, inputs, result, t0, t_launch)
+                self._prev = _Launched(msg.step_id, inputs, result, self._read_back(result), t0,
+                                       t_launch)
             elif msg.step_id >= 0:
                 self._prev = SamplerOutput(step_id=msg.step_id)
             return answer
@@ -459,7 +460,7 @@ class Worker:
             return SamplerOutput(step_id=-1)
         if isinstance(prev, SamplerOutput):
             return prev
-        result = prev.result.cpu()
+        result = prev.wait()
         sampled = result.token_ids.numpy().astype(np.int32)
         t_host = time.perf_counter()
         # The device ran this step from its launch or from the end of the one before it.
@@ -482,6 +483,13 @@ class Worker:
             self.batch.discard_pending()
         elif isinstance(self._prev, _Launched):
             self._prev = self._land(self._prev)
+
+    def _read_back(self, result: SampleResult) -> tuple[SampleResult, object]:
+        """Starts copying a launched step's result to the host; returns (the host copy, an
+        object whose ``synchronize()`` waits for it). The copy is queued right behind the step,
+        ahead of the next step's forward: a plain ``.cpu()`` at landing time would be queued
+        behind that forward and wait for it. On the CPU the result is already there."""
+        return result, None
 
     def _take_pending_tokens(self, input_ids: torch.Tensor, input_src: torch.Tensor) -> None:
         """Overlapped steps: the input tokens still on the device (``input_src >= 0``), in
@@ -611,14 +619,23 @@ class Worker:
 
 
 class _Launched:
-    """An overlapped step whose forward and sampling are launched, not read back."""
+    """An overlapped step whose forward and sampling are launched, not read back:
+    ``result`` on the device (the next step's decode rows read its tokens there), and
+    its host copy under way."""
 
-    __slots__ = ("step_id", "inputs", "result", "t0", "t_launch")
+    __slots__ = ("step_id", "inputs", "result", "host", "t0", "t_launch")
 
-    def __init__(self, step_id: int, inputs: StepInputs, result: SampleResult, t0: float,
-                 t_launch: float):
-        self.step_id, self.inputs, self.result = step_id, inputs, result
+    def __init__(self, step_id: int, inputs: StepInputs, result: SampleResult,
+                 host: tuple[SampleResult, object], t0: float, t_launch: float):
+        self.step_id, self.inputs, self.result, self.host = step_id, inputs, result, host
         self.t0, self.t_launch = t0, t_launch
+
+    def wait(self) -> SampleResult:
+        """The result on the host, once the device has produced it."""
+        result, done = self.host
+        if done is not None:
+            done.synchronize()
+        return result
 
 
 def any_nonfinite(logits: torch.Tensor) -> torch.Tensor:

@@ -265,7 +265,10 @@ def _gather_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     pages anew: 44 against 38 ms for the 30 layers of a 64-sequence SmolLM2 decode step."""
     buf = getattr(_scratch, "gather", None)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = _scratch.gather = torch.empty(numel, dtype=dtype)
+        # A normal tensor, even if first needed under inference mode: an inference tensor
+        # could not be written outside it (tests, scratch forwards).
+        with torch.inference_mode(False):
+            buf = _scratch.gather = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

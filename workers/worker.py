@@ -58,8 +58,9 @@ class Worker:
     _grammar_vocab = b""  # set_grammar_vocab's
     _to_accept: tuple[list[int], np.ndarray] | None = None  # the last step's tokens, for them
     # Overlapped steps (RankConfig.overlap_steps): the last call's step, launched and not read
-    # back (_Launched), or its finished output (a step that ran nothing), answered next call.
-    _prev: _Launched | SamplerOutput | None = None
+    # back (_Launched), its finished output (a step that ran nothing) or its failure, which
+    # the next call answers with.
+    _prev: _Launched | SamplerOutput | Exception | None = None
     _pending_tokens: torch.Tensor | None = None  # _prev's sampled tokens, on the device
 
     def __init__(self, config: RankConfig, tp_rank: int):
@@ -364,19 +365,9 @@ class Worker:
         if self.config.overlap_steps:
             return self._step_overlapped(msg)
         t0 = time.perf_counter()
-        self.batch.validate(msg)
-        for fill in msg.lora_slots:
-            self._require_lora().fill_slot(fill.slot, fill.lora_id)
-        self.batch.apply(msg)
-        self._apply_guided(msg)
-        if msg.scheduled_seq_ids:
-            self._apply_fault()
-        if not msg.scheduled_seq_ids:
+        inputs = self._begin(msg)
+        if inputs is None:
             return SamplerOutput(step_id=msg.step_id)
-        inputs = self.batch.prepare(msg)
-        if self._profile is not None:
-            self._profile.before_step(self._num_steps)
-        self._num_steps += 1
         t_model = time.perf_counter()
         result = self._run_model(inputs)
         sampled = result.token_ids.numpy().astype(np.int32)
@@ -387,6 +378,22 @@ class Worker:
         t1 = time.perf_counter()
         return self._output(msg.step_id, inputs, result, sampled, t_host - t_model, t1 - t0,
                             idle_s)
+
+    def _begin(self, msg: ExecuteModelRequest) -> StepInputs | None:
+        """Applies a step's delta; returns the inputs of its forward, None if it runs none."""
+        self.batch.validate(msg)
+        for fill in msg.lora_slots:
+            self._require_lora().fill_slot(fill.slot, fill.lora_id)
+        self.batch.apply(msg)
+        self._apply_guided(msg)
+        if not msg.scheduled_seq_ids:
+            return None
+        self._apply_fault()
+        inputs = self.batch.prepare(msg)
+        if self._profile is not None:
+            self._profile.before_step(self._num_steps)
+        self._num_steps += 1
+        return inputs
 
     def _run_model(self, inputs: StepInputs) -> SampleResult:
         return self._sample_step(self._forward(inputs), inputs).cpu()
@@ -417,28 +424,18 @@ class Worker:
         sampling of n+1 waits for n's tokens on the host: grammars and penalties see them."""
         t0 = time.perf_counter()
         prev, self._prev = self._prev, None
+        if isinstance(prev, Exception):
+            raise prev  # the last call's step failed: this call answers for it
+        answer = None
         try:
-            launched = None
-            if msg.step_id >= 0:
-                self.batch.validate(msg)
-                for fill in msg.lora_slots:
-                    self._require_lora().fill_slot(fill.slot, fill.lora_id)
-                self.batch.apply(msg)
-                self._apply_guided(msg)
-                if msg.scheduled_seq_ids:
-                    self._apply_fault()
-                    inputs = self.batch.prepare(msg)
-                    if self._profile is not None:
-                        self._profile.before_step(self._num_steps)
-                    self._num_steps += 1
-                    t_launch = time.perf_counter()
-                    self._pending_tokens = prev.result.token_ids if isinstance(prev, _Launched) else None
-                    logits = self._forward(inputs)
-                    self._pending_tokens = None
-                    launched = (inputs, logits, t_launch)
+            inputs = self._begin(msg) if msg.step_id >= 0 else None
+            if inputs is not None:
+                t_launch = time.perf_counter()
+                self._pending_tokens = prev.result.token_ids if isinstance(prev, _Launched) else None
+                logits = self._forward(inputs)
+                self._pending_tokens = None
             answer = self._land(prev)
-            if launched is not None:
-                inputs, logits, t_launch = launched
+            if inputs is not None:
                 result = self._sample_step(logits, inputs)
                 self.batch.commit_pending(inputs)
                 self._prev = _Launched(msg.step_id, inputs, result, self._read_back(result), t0,
@@ -446,12 +443,22 @@ class Worker:
             elif msg.step_id >= 0:
                 self._prev = SamplerOutput(step_id=msg.step_id)
             return answer
-        except BaseException:
-            # The engine fails this step and the ones in flight with it, and has every rank
-            # forget their sequences: nothing of them stays pending here.
+        except Exception as e:
+            # The engine fails this step and the ones sent after it, and has every rank forget
+            # their sequences: nothing of them stays pending here. The step before it did not
+            # fail: its output is still this call's answer, and the failure the next call's,
+            # which is where the engine looks for this step.
             self._pending_tokens = None
+            if answer is None:
+                try:
+                    answer = self._land(prev)
+                except Exception:
+                    answer = None
             self.batch.discard_pending()
-            raise
+            if answer is None:
+                raise
+            self._prev = e
+            return answer
 
     def _land(self, prev: _Launched | SamplerOutput | None) -> SamplerOutput:
         """The output of the last call's step; a launched one is read back (this waits for

@@ -6,7 +6,12 @@ With ``async_scheduling`` (the default) two steps are in flight: the core schedu
 encodes and sends step n+1 before it waits for step n, and applies step n's tokens while
 the ranks run n+1. The ranks append the tokens they sample, so step n+1 needs nothing of
 step n's output; what it could not know (a stop token, a stop string) costs one dropped
-token and reaches the ranks in the next delta."""
+token and reaches the ranks in the next delta.
+
+With ``overlap_rank_steps`` (CUDA's default) the ranks do the same one level down: a rank
+launches step n+1 before it reads back step n, so each step call answers with the output
+of the call before it. The core reads step n's output from the answer to the next call it
+sent, or sends a flush (a call that launches nothing) when it sent none."""
 
 from __future__ import annotations
 

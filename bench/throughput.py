@@ -27,8 +27,8 @@ grammar needs a tokenizer: ``--tokenizer`` (default: the model's own; for a dumm
 preset, SmolLM2's, with the preset's vocabulary resized to it).
 
 ``dag-sync`` (``inproc-sync``, ``ray-sync``) is that backend with ``async_scheduling``
-off, for the cost of running one step at a time; ``dag-nooverlap`` (...) keeps it on but
-turns ``overlap_rank_steps`` off (the ranks read each step back before launching the
+off, for the cost of running one step at a time; ``dag-nooverlap`` (``inproc-nooverlap``,
+``ray-nooverlap``) keeps it on but turns ``overlap_rank_steps`` off (the ranks read each step back before launching the
 next, the default on the CPU). ``--engine-arg key=value`` passes
 engine options (``kv_reserve=1``, ``kv_cache_dtype=fp8``) to every engine run, and
 ``--profile-steps START,N`` traces N decode-time steps of each engine run with

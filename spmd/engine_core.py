@@ -337,7 +337,10 @@ class EngineCore:
             # The steps sent after it ran on what the failure left of the ranks' state.
             flights = [flight, *self._inflight]
             self._inflight.clear()
-            handles = list(self._unread) if self.overlap_rank_steps else [f.handle for f in flights[1:]]
+            if self.overlap_rank_steps:
+                handles = list(self._unread)
+            else:
+                handles = [f.handle for f in flights[1:]]
             self._unread.clear()
             for handle in handles:
                 try:

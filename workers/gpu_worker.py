@@ -89,8 +89,6 @@ class GPUMixin:
         def copy(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            if t.device.type == "cpu":
-                return t
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             return host.copy_(t, non_blocking=True)
 

@@ -61,7 +61,6 @@ class Worker:
     # back (_Launched), its finished output (a step that ran nothing) or its failure, which
     # the next call answers with.
     _prev: _Launched | SamplerOutput | Exception | None = None
-    _pending_tokens: torch.Tensor | None = None  # _prev's sampled tokens, on the device
 
     def __init__(self, config: RankConfig, tp_rank: int):
         self.config = config
@@ -407,7 +406,8 @@ class Worker:
     def _sample_step(self, logits: torch.Tensor, inputs: StepInputs) -> SampleResult:
         """The step's sampled tokens (and log-probs), on the device."""
         if len(inputs.logits_indices) == 0:
-            return SampleResult(torch.empty(0, dtype=torch.int64), None, None, None)
+            return SampleResult(torch.empty(0, dtype=torch.int64, device=self.device), None,
+                                None, None)
         self._nonfinite_steps += any_nonfinite(logits)
         return self._sample(logits, inputs)
 
@@ -423,18 +423,18 @@ class Worker:
         sampled, is taken from n's tokens on the device (``StepInputs.input_src``). The
         sampling of n+1 waits for n's tokens on the host: grammars and penalties see them."""
         t0 = time.perf_counter()
-        prev, self._prev = self._prev, None
+        prev = self._prev
         if isinstance(prev, Exception):
+            self._prev = None
             raise prev  # the last call's step failed: this call answers for it
         answer = None
         try:
             inputs = self._begin(msg) if msg.step_id >= 0 else None
             if inputs is not None:
                 t_launch = time.perf_counter()
-                self._pending_tokens = prev.result.token_ids if isinstance(prev, _Launched) else None
-                logits = self._forward(inputs)
-                self._pending_tokens = None
+                logits = self._forward(inputs)  # decode rows read prev's tokens on the device
             answer = self._land(prev)
+            self._prev = None
             if inputs is not None:
                 result = self._sample_step(logits, inputs)
                 self.batch.commit_pending(inputs)
@@ -448,12 +448,12 @@ class Worker:
             # their sequences: nothing of them stays pending here. The step before it did not
             # fail: its output is still this call's answer, and the failure the next call's,
             # which is where the engine looks for this step.
-            self._pending_tokens = None
             if answer is None:
                 try:
                     answer = self._land(prev)
                 except Exception:
                     answer = None
+            self._prev = None
             self.batch.discard_pending()
             if answer is None:
                 raise
@@ -500,8 +500,9 @@ class Worker:
 
     def _take_pending_tokens(self, input_ids: torch.Tensor, input_src: torch.Tensor) -> None:
         """Overlapped steps: the input tokens still on the device (``input_src >= 0``), in
-        place, from the last step's sampled tokens."""
-        tokens = self._pending_tokens
+        place, from the sampled tokens of the step launched last (not yet landed)."""
+        assert isinstance(self._prev, _Launched), "input tokens pending without a launched step"
+        tokens = self._prev.result.token_ids
         input_ids.copy_(torch.where(input_src >= 0, tokens[input_src.clamp(min=0)], input_ids))
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> SampleResult:

@@ -2,6 +2,7 @@
 every rank forgets the step's sequences, their KV blocks come back, and the next
 requests match transformers. Only a dead or hung rank stops the engine."""
 
+import numpy as np
 import pytest
 
 from conftest import hf_greedy, mixed_prompts
@@ -77,5 +78,44 @@ def test_a_hung_rank_stops_the_engine_through_the_step_timeout(ray_cluster, tiny
         with pytest.raises(RankFailure, match="timed out") as err:
             llm.generate(_ids(mixed_prompts(2, 256)), GREEDY, use_tqdm=False)
         assert err.value.fatal
+    finally:
+        llm.shutdown()
+
+
+def test_an_overlapped_step_that_fails_still_answers_for_the_step_before_it(ray_cluster,
+                                                                           tiny_dir):
+    """Overlapped rank steps, driven on the rank directly: each call answers with the step
+    before it, so a step that fails must still hand that step's output back and raise on
+    the next call (where the engine asks for the failed step), not take it down."""
+    from serialization import (ExecuteModelRequest, NewRequest, SamplingOptions, decode_output,
+                               encode, pack_i32)
+    from workers.worker import RankError
+
+    path = tiny_dir("llama")
+    prompt = mixed_prompts(1, 256, seed=13, hi=12)[0]  # one KV block holds it and 2 more
+    llm = LLM(path, backend="inproc", skip_tokenizer_init=True, max_model_len=64,
+              overlap_rank_steps=True)
+    worker = llm.engine.core.transport.worker
+
+    def call(step_id, tokens, **delta):
+        msg = ExecuteModelRequest(step_id=step_id, scheduled_seq_ids=pack_i32([7] if tokens else []),
+                                  num_scheduled_tokens=pack_i32([tokens] if tokens else []), **delta)
+        return decode_output(worker.execute_model(encode(msg)))
+
+    try:
+        new = NewRequest(7, pack_i32(prompt), SamplingOptions(temperature=0), pack_i32([0]), 0)
+        assert call(1, len(prompt), new_requests=[new]).step_id == -1  # nothing before it
+        first = call(2, 1)
+        assert first.step_id == 1
+        worker.fail_next_step("injected fault")  # the rank's own method: no read-back first
+        second = call(3, 1)  # fails, and answers with step 2
+        assert second.step_id == 2
+        got = [*map(int, np.frombuffer(first.token_ids, "<i4")),
+               *map(int, np.frombuffer(second.token_ids, "<i4"))]
+        assert got == hf_greedy(path, [prompt], 2)[0]
+        with pytest.raises(RankError, match="injected fault"):
+            call(-1, 0)  # the flush that asks for step 3
+        assert call(-1, 0).step_id == -1  # then nothing is pending
+        assert worker.forget([7], []) == 1
     finally:
         llm.shutdown()

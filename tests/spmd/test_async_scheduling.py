@@ -142,3 +142,44 @@ def test_overlapped_rank_steps_sample_with_penalties_seeds_and_n_as_before(ray_c
         finally:
             llm.shutdown()
     assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("backend,tp", [("inproc", 1), ("dag", 2)])
+def test_real_eos_mid_batch_is_the_same_with_the_ranks_a_step_ahead(ray_cluster, tiny_dir,
+                                                                    tmp_path, backend, tp):
+    """The model's own EOS (from its config, no ignore_eos) ends some requests mid-batch
+    while the others go on: with the ranks a step ahead, each is cut exactly where
+    transformers' greedy text first reaches EOS, with the same finish reasons."""
+    import collections
+    import json
+    import shutil
+
+    src = tiny_dir("llama")
+    prompts = mixed_prompts(10, 256, seed=5)
+    ref = hf_greedy(src, prompts, 20)
+    # EOS := the token greedy decoding reaches mid-output in the most requests
+    seen = collections.Counter(t for out in ref for t in set(out[2:16]))
+    eos = seen.most_common(1)[0][0]
+    path = str(tmp_path / "eos_model")
+    shutil.copytree(src, path)
+    cfg_path = f"{path}/config.json"
+    cfg = json.load(open(cfg_path))
+    cfg["eos_token_id"] = eos
+    json.dump(cfg, open(cfg_path, "w"))
+    want = []
+    for out in ref:
+        cut = out.index(eos) + 1 if eos in out else len(out)
+        want.append((out[:cut], "stop" if eos in out else "length"))
+    assert 0 < sum(r == "stop" for _, r in want) < len(want), want
+    assert any(len(t) < 20 for t, r in want if r == "stop")
+    for overlap in (False, True):
+        llm = LLM(path, skip_tokenizer_init=True, max_model_len=128, backend=backend,
+                  tensor_parallel_size=tp, overlap_rank_steps=overlap)
+        try:
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+            got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+            assert got == want, overlap
+            assert llm.engine.call_all("num_live_requests") == [0] * tp
+        finally:
+            llm.shutdown()

@@ -66,6 +66,9 @@ class Worker:
         self.config = config
         self.tp_rank = tp_rank
         self.dtype = _DTYPES[config.dtype]
+        # The spmd custom ops import torch._dynamo on their first call (0.9 s on a 2-core VM,
+        # inside the first request's step): done here, at start-up.
+        import torch._dynamo  # noqa: F401
         self.init_device()
         self.model = load_model(config.model, config.load_format, self.dtype, tp_rank,
                                 config.tp_size, seed=config.seed, device=self.device,

@@ -329,6 +329,7 @@ class EngineCore:
                 out = self._output_of(flight.sched.step_id)
             else:
                 data = self.transport.fetch(flight.handle)
+                out = decode_pooler_output(data) if self.task == "embed" else decode_output(data)
         except RankFailure as e:
             self._stop_if_fatal(e)
             self._last_done = time.perf_counter()
@@ -350,9 +351,7 @@ class EngineCore:
             return self._fail_steps(flights, str(e))
         self._last_done = time.perf_counter()
         if self.task == "embed":
-            return self._apply_encode(flight, decode_pooler_output(data), started)
-        if not self.overlap_rank_steps:
-            out = decode_output(data)
+            return self._apply_encode(flight, out, started)
         return self._apply_step(flight, out, started)
 
     def _output_of(self, step_id: int) -> SamplerOutput:

@@ -13,9 +13,9 @@ Each op also has a fake (meta) implementation, so shapes propagate under
 Llama (fp32 eager attention), because the project's bar is greedy-token equality.
 
 The thin wrappers at the bottom (``rms_norm``, ``paged_attention``, ...) are the
-public API; they call ``torch.ops.spmd.*`` so that the dispatcher picks the kernel, except
+public API; they call the ``spmd::*`` op so that the dispatcher picks the kernel, except
 on the CPU outside torch.compile and the profiler, where they call the reference body
-directly (``_direct``: the one the dispatcher would pick, without its ~20 µs a call).
+directly (``_impl``: the one the dispatcher would pick, without its 8–20 µs a call).
 """
 
 import math
@@ -32,7 +32,7 @@ _ATTENTION_CHUNK_BYTES = 64 * 1024 * 1024
 def _op(name: str, mutates_args=()):
     """``torch.library.custom_op("spmd::<name>")`` that keeps its undecorated body as
     ``.reference``, which the public API calls directly where the dispatcher would pick it
-    anyway (``_direct``)."""
+    anyway (``_impl``)."""
     def wrap(fn):
         op = torch.library.custom_op(f"spmd::{name}", mutates_args=mutates_args)(fn)
         op.reference = fn
@@ -40,13 +40,16 @@ def _op(name: str, mutates_args=()):
     return wrap
 
 
-def _direct(x: Tensor) -> bool:
-    """Whether to call an op's reference body directly: on the CPU, which has no kernel of its
-    own, outside torch.compile's tracing (the static-shape devices) and the profiler (whose
-    tables name the ops). The dispatcher's route (custom op, dynamo guard) costs ~20 µs a call
-    on a 2-core VM: 180 calls, ~3.6 ms, of a 280 ms SmolLM2 decode step."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._autograd._profiler_enabled())
+def _impl(op, x: Tensor):
+    """What to call for ``op`` on ``x``: the op itself (the dispatcher picks the device's
+    kernel), or, on the CPU, which has no kernel of its own, its reference body directly,
+    outside torch.compile's tracing (the static-shape devices) and the profiler (whose tables
+    name the ops). The dispatcher's route (custom op, dynamo guard) costs 8–20 µs a call on a
+    2-core VM, and a SmolLM2 step makes ~180 calls."""
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._autograd._profiler_enabled()):
+        return op.reference
+    return op
 
 
 # --------------------------------------------------------------------------- norms
@@ -511,25 +514,19 @@ def _(x, w13, w2, topk_weights, topk_ids):
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """LlamaRMSNorm: ``weight * (x * rsqrt(mean(x^2) + eps))``, normalised in float32."""
-    if _direct(x):
-        return _rms_norm.reference(x, weight, eps)
-    return torch.ops.spmd.rms_norm(x, weight, eps)
+    return _impl(_rms_norm, x)(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     """``(rms_norm(x + residual), x + residual)``; returns new tensors."""
-    if _direct(x):
-        return _fused_add_rms_norm.reference(x, residual, weight, eps)
-    return torch.ops.spmd.fused_add_rms_norm(x, residual, weight, eps)
+    return _impl(_fused_add_rms_norm, x)(x, residual, weight, eps)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:
     """``silu(x[..., :I]) * x[..., I:]`` for ``x`` of width ``2 * I``."""
-    if _direct(x):
-        return _silu_and_mul.reference(x)
-    return torch.ops.spmd.silu_and_mul(x)
+    return _impl(_silu_and_mul, x)(x)
 
 
 def rotary_embedding(
@@ -539,9 +536,7 @@ def rotary_embedding(
 
     ``cos_sin_cache`` comes from ``build_cos_sin_cache``. Returns new tensors shaped like q and k.
     """
-    if _direct(q):
-        return _rotary_embedding.reference(positions, q, k, cos_sin_cache, head_dim)
-    return torch.ops.spmd.rotary_embedding(positions, q, k, cos_sin_cache, head_dim)
+    return _impl(_rotary_embedding, q)(positions, q, k, cos_sin_cache, head_dim)
 
 
 def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
@@ -551,13 +546,10 @@ def write_kv_cache(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: T
     Token t goes to flat slot ``slot_mapping[t] = block_id * block_size + offset``; -1 skips it.
     With ``kv_scales`` the cache is FP8 (e4m3) and each (token, kv head) gets its scale.
     """
-    direct = _direct(key)
     if kv_scales is None:
-        op = _write_kv_cache.reference if direct else torch.ops.spmd.write_kv_cache
-        op(key, value, kv_cache, slot_mapping)
+        _impl(_write_kv_cache, key)(key, value, kv_cache, slot_mapping)
     else:
-        op = _write_kv_cache_fp8.reference if direct else torch.ops.spmd.write_kv_cache_fp8
-        op(key, value, kv_cache, kv_scales, slot_mapping)
+        _impl(_write_kv_cache_fp8, key)(key, value, kv_cache, kv_scales, slot_mapping)
 
 
 def paged_attention(
@@ -579,9 +571,8 @@ def paged_attention(
     reads kv head ``h // (nh // nkv)``. Returns ``[T, nh, hd]``. An FP8 cache comes with
     its ``kv_scales`` (see ``write_kv_cache``).
     """
-    op = _paged_attention.reference if _direct(q) else torch.ops.spmd.paged_attention
-    return op(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, max_seq_len,
-              scale, kv_scales)
+    return _impl(_paged_attention, q)(q, kv_cache, block_tables, seq_lens, query_start_loc,
+                                      max_query_len, max_seq_len, scale, kv_scales)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -591,8 +582,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     and ``k, v [T, nkv, hd]`` and attends to all of them (``causal=False``, encoders) or to
     those at or before each query (``causal=True``). GQA as in ``paged_attention``; tokens
     past ``cu_seqlens[-1]`` (padding) come out zero. Returns ``[T, nh, hd]``."""
-    op = _varlen_attention.reference if _direct(q) else torch.ops.spmd.varlen_attention
-    return op(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return _impl(_varlen_attention, q)(q, k, v, cu_seqlens, max_seqlen, scale, causal)
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
@@ -602,5 +592,4 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor,
     ``w2 [E, H, I]``, and the outputs are summed with ``topk_weights [T, K]``. ``x [T, H]``
     → ``[T, H]`` in x's dtype (accumulated in float32). Under tensor parallelism ``I`` is
     this rank's slice and the result a partial sum."""
-    op = _fused_moe.reference if _direct(x) else torch.ops.spmd.fused_moe
-    return op(x, w13, w2, topk_weights, topk_ids)
+    return _impl(_fused_moe, x)(x, w13, w2, topk_weights, topk_ids)

@@ -478,9 +478,7 @@ class Worker:
         idle_s = max(0.0, prev.t_launch - self._last_step_end) if self._last_step_end else 0.0
         self._last_step_end = t_host
         self.batch.land(sampled)
-        if self.grammars is not None and len(self.grammars):
-            self._accept_guided()  # a step that sampled nothing left the last ones pending
-            self._to_accept = (self._sample_seq_ids(prev.inputs), sampled)
+        self._defer_accept(prev.inputs, sampled)
         return self._output(prev.step_id, prev.inputs, result, sampled, t_host - started,
                             time.perf_counter() - prev.t0, idle_s)
 
@@ -533,6 +531,10 @@ class Worker:
     def _commit(self, inputs: StepInputs, sampled: np.ndarray) -> None:
         """Appends the sampled tokens; constrained sequences' grammars advance by them."""
         self.batch.commit(inputs, sampled)
+        self._defer_accept(inputs, sampled)
+
+    def _defer_accept(self, inputs: StepInputs, sampled: np.ndarray) -> None:
+        """Constrained sequences' grammars advance by a step's tokens, in the next step."""
         if self.grammars is not None and len(self.grammars):
             self._accept_guided()  # a step that sampled nothing left the last ones pending
             self._to_accept = (self._sample_seq_ids(inputs), sampled)  # see _accept_guided
